@@ -1,0 +1,45 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := tesseract-ocr tesseract-ocr-eng fonts-liberation wamerican
+PYTEST_ARGS ?=
+
+.PHONY: venv system-deps demo test test-slow bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed system-deps
+
+# System packages: installed when run as root; otherwise a clear message naming them.
+system-deps:
+	@missing=""; \
+	command -v tesseract >/dev/null 2>&1 || missing="$$missing tesseract-ocr tesseract-ocr-eng"; \
+	test -f /usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf || missing="$$missing fonts-liberation"; \
+	test -s /usr/share/dict/words || missing="$$missing wamerican"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing system packages:$$missing"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  else \
+	    echo "WARNING: missing system packages:$$missing -- run: sudo apt-get install -y $(APT_PACKAGES)"; \
+	  fi; \
+	fi
+
+demo: venv
+	$(PY) demo.py --out outputs/demo
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: venv
+	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf outputs runs .pytest_cache

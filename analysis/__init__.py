@@ -1,0 +1,1 @@
+"""Analysis of CLIP representations (TextSpan decomposition, ablation, segmentation)."""

@@ -1,0 +1,75 @@
+"""What every evaluation suite receives: an ``EvalModel`` that encodes images and texts.
+
+A suite is a module in ``evaluation/`` that defines
+
+    NAME: str                                  # the name used with `evaluate.py --suite NAME`
+    HELP: str                                  # one line for `--help`
+    def add_arguments(parser) -> None          # its own options (prefix them with the suite name)
+    def run(model: EvalModel, args) -> dict    # JSON-serialisable results (floats / lists / nested dicts)
+
+and may return a ``"tables"`` entry: {table_name: {"columns": [...], "data": [[...], ...]}} for W&B.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.clip_backbone import ClipBackbone
+
+
+class EvalModel(nn.Module):
+    """A (frozen) CLIP backbone, optionally with a learned projection W and/or a method module.
+
+    ``projection``: [k, d] matrix applied to normalised embeddings (spelling projections), re-normalised.
+    ``method``: a trained module that may override ``class_text_features(classnames)`` (e.g. CoOp prompts).
+    """
+
+    def __init__(self, backbone: ClipBackbone, projection: torch.Tensor | None = None,
+                 method: nn.Module | None = None, batch_size: int = 256):
+        super().__init__()
+        self.backbone = backbone.freeze()
+        self.register_buffer("projection", projection, persistent=False)
+        self.method = method
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(feats, dim=-1)
+        if self.projection is not None:
+            feats = F.normalize(feats @ self.projection.t().to(feats), dim=-1)
+        return feats
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] CLIP-normalised -> [N, D'] (normalised, projected)."""
+        out = [self.backbone.encode_image(images[i:i + self.batch_size].to(self.device))
+               for i in range(0, len(images), self.batch_size)]
+        return self.project(torch.cat(out))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """list of N strings -> [N, D'] (normalised, projected)."""
+        out = [self.backbone.encode_text(self.backbone.tokenize(texts[i:i + self.batch_size]))
+               for i in range(0, len(texts), self.batch_size)]
+        return self.project(torch.cat(out))
+
+    @torch.no_grad()
+    def class_text_features(self, classnames: Sequence[str],
+                            templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
+        """Zero-shot classifier [C, D']: prompt-ensembled class embeddings (or the method's own)."""
+        if self.method is not None and hasattr(self.method, "class_text_features"):
+            return self.project(self.method.class_text_features(list(classnames)))
+        feats = []
+        for name in classnames:
+            e = self.encode_texts([t.format(name) for t in templates]).mean(0)
+            feats.append(F.normalize(e, dim=-1))
+        return torch.stack(feats)
+
+    def image_transform(self) -> Callable:
+        return self.backbone.preprocess

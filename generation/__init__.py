@@ -1,0 +1,1 @@
+"""Per-sample zero-shot optimisation methods."""

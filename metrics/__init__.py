@@ -1,0 +1,1 @@
+"""torchmetrics.Metric classes with pure-function cores."""

@@ -1,0 +1,48 @@
+"""Training entry point (LightningCLI): fit / validate / test / predict.
+
+    python train.py fit --config configs/spelling/forget_to_spell.yaml
+    python train.py fit --config configs/coop/imagenet_16shot.yaml --trainer.devices 4 --trainer.strategy ddp
+    python train.py fit --config <cfg> --ckpt_path last          # resume a killed run
+    python train.py fit --config <cfg> --print_config            # resolved config
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from pytorch_lightning.loggers import WandbLogger  # noqa: E402
+
+from utils.io import AtomicCheckpointIO  # noqa: E402
+from utils.wandb_setup import ensure_wandb_mode  # noqa: E402
+
+
+class SaveConfigToLogger(SaveConfigCallback):
+    """Writes the resolved config beside the run and, for W&B, into the run's config."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.log_hyperparams(self.config.as_dict())
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ensure_wandb_mode()
+    return LightningCLI(
+        pl.LightningModule, pl.LightningDataModule,
+        subclass_mode_model=True, subclass_mode_data=True,
+        save_config_callback=SaveConfigToLogger,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        args=args, run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()
