@@ -31,15 +31,21 @@ class SaveConfigToLogger(SaveConfigCallback):
                 logger.log_hyperparams(self.config.as_dict())
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+class CLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # checkpoints are written atomically
+        return trainer
+
+
+def main(args: list[str] | None = None, run: bool = True) -> CLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ensure_wandb_mode()
-    return LightningCLI(
+    return CLI(
         pl.LightningModule, pl.LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
         save_config_callback=SaveConfigToLogger,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         args=args, run=run,
     )
 

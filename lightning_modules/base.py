@@ -71,7 +71,8 @@ def load_method_checkpoint(path: str | Path, expected: type[T] | None = None,
     cls = _import_class(method)
     if expected is not None and not issubclass(cls, expected):
         raise RuntimeError(f"{path} holds a {cls.__name__} checkpoint, expected {expected.__name__}.")
-    hparams = dict(ckpt.get("hyper_parameters", {}))
+    # LightningCLI adds bookkeeping keys such as "_class_path"; they are not __init__ arguments.
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     module = cls(**hparams)
     _check_learned_keys(module, ckpt["state_dict"], str(path))
     module.load_state_dict(ckpt["state_dict"], strict=False)

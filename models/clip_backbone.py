@@ -235,7 +235,10 @@ def load_clip_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise BackboneError(f"{path} does not hold a state dict (got {type(state).__name__}).")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise BackboneError(f"{path} does not match the architecture: {str(e).splitlines()[-1].strip()}") from e
     if missing or unexpected:
         raise BackboneError(f"{path} does not match the architecture: missing keys {missing[:5]}"
                             f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
