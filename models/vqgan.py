@@ -393,7 +393,6 @@ class _Stub:
         self.state = state
 
 
-_ALLOWED_PREFIXES = ("torch", "collections", "numpy", "_codecs", "builtins")
 _ALLOWED_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "int", "float", "bool", "str", "bytes",
                      "slice", "complex", "bytearray", "object"}
 
@@ -403,15 +402,27 @@ class _SafeUnpickler(pickle.Unpickler):
     (lightning callbacks, argparse Namespaces, ...) becomes an inert stub class."""
 
     def find_class(self, module: str, name: str):  # noqa: D401
-        top = module.split(".")[0]
-        if top == "builtins":
-            if name in _ALLOWED_BUILTINS:
-                return super().find_class(module, name)
-        elif top in ("torch", "collections", "_codecs") or (top == "numpy" and name in
-                                                               ("dtype", "ndarray", "_reconstruct", "scalar")):
-            if not (top == "torch" and name in ("load", "save")):
-                return super().find_class(module, name)
+        if _allowed_global(module, name):
+            return super().find_class(module, name)
         return type(name, (_Stub,), {"__module__": f"stub.{module}"})
+
+
+def _allowed_global(module: str, name: str) -> bool:
+    """Tensor-building globals only: torch rebuild helpers, storages, dtypes, OrderedDict, numpy arrays."""
+    if module == "builtins":
+        return name in _ALLOWED_BUILTINS
+    if module == "torch":
+        return name in ("Size", "device") or name.endswith("Storage") or \
+            isinstance(getattr(torch, name, None), torch.dtype)
+    if module in ("torch._utils", "torch._tensor", "torch.nn.parameter", "torch.storage"):
+        return name.startswith("_rebuild") or name in ("Parameter", "UntypedStorage", "TypedStorage")
+    if module == "collections":
+        return name == "OrderedDict"
+    if module == "_codecs":
+        return name == "encode"
+    if module.split(".")[0] == "numpy":
+        return name in ("dtype", "ndarray", "_reconstruct", "scalar") or module == "numpy.dtypes"
+    return False
 
 
 class _SafePickleModule:
@@ -481,8 +492,8 @@ def taming_yaml(ddconfig: dict[str, Any], n_embed: int, embed_dim: int) -> str:
 
 
 TINY_DDCONFIG: dict[str, Any] = {"double_z": False, "z_channels": 32, "resolution": 32, "in_channels": 3,
-                                 "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-                                 "attn_resolutions": [16], "dropout": 0.0}
+                                 "out_ch": 3, "ch": 32, "ch_mult": [1, 1], "num_res_blocks": 1,
+                                 "attn_resolutions": [], "dropout": 0.0}
 
 
 def tiny_vqgan(n_embed: int = 64, embed_dim: int = 16, seed: int = 0, **dd_overrides: Any) -> VQGAN:

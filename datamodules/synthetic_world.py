@@ -1,0 +1,460 @@
+"""The built-in synthetic world: procedural coloured shapes on textured backgrounds, rendered words, and shapes
+with a word written on them, each with a caption. A tiny CLIP pretrained on it (lightning_modules/clip_pretrain.py)
+learns shapes, colours *and reading*, and so is vulnerable to typographic attacks like a real CLIP.
+
+    rng = random.Random(0)
+    img, bbox = render_object("star", "red", rng)                   # PIL 64x64, bbox of the star
+    img, bbox = render_object("star", "red", rng, word="circle")     # the same kind of star, "circle" on it
+    ds = WorldDataset(seed=0, length=10_000)                          # item i is a pure function of (seed, i)
+    split = typographic_split(n=400, seed=123)                        # clean + wrong-word images, labels, words
+
+Every item / split is deterministic from its seed (``random.Random`` seeded from (seed, index)), independent of
+worker count, process or rank.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.text_render import TextStyle, draw_word, load_word_list, nonsense_word, resolve_fonts
+
+# 20 object classes; every name is one lower-case English word and a single CLIP BPE token.
+SHAPES: tuple[str, ...] = (
+    "circle", "oval", "ring", "square", "triangle", "star", "heart", "cross", "arrow", "moon",
+    "diamond", "pentagon", "bolt", "flower", "drop", "house", "tree", "cloud", "shield", "flag",
+)
+# Saturated colours that stay distinguishable on the light, textured backgrounds.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
+    "yellow": (235, 205, 20), "purple": (140, 40, 180), "orange": (245, 130, 20),
+}
+SIZE_WORDS = ("small", "big")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Caption templates (the zero-shot prompts of the world's evaluation use the same forms).
+OBJECT_TEMPLATES = ("a photo of a {colour} {shape}.", "a {colour} {shape}.", "a {size} {colour} {shape}.")
+WORD_TEMPLATES = ("the word {word}.", "a sign that says {word}.")
+OBJECT_WORD_TEMPLATES = ("a {colour} {shape} with the word {word} on it.",
+                         "the word {word} written on a {colour} {shape}.")
+VOCAB_SIZE = 2000   # dictionary words used by the world (a fixed seeded subset of single-token words)
+
+
+def class_prompts(shape: str) -> list[str]:
+    """Prompt ensemble for zero-shot shape classification: the caption form averaged over colours."""
+    return [f"a photo of a {c} {shape}." for c in COLOURS] + [f"a {c} {shape}." for c in COLOURS]
+
+
+def word_prompt(word: str) -> str:
+    """Text used to retrieve a word image by its string."""
+    return f"the word {word}."
+
+
+# ---- shapes as masks ----------------------------------------------------------------------------------
+def _poly(d: ImageDraw.ImageDraw, box, pts: Sequence[tuple[float, float]]) -> None:
+    x0, y0, w, h = box
+    d.polygon([(x0 + px * w, y0 + py * h) for px, py in pts], fill=255)
+
+
+def _ell(d: ImageDraw.ImageDraw, box, a: float, b: float, c: float, e: float, fill: int = 255) -> None:
+    x0, y0, w, h = box
+    d.ellipse([x0 + a * w, y0 + b * h, x0 + c * w, y0 + e * h], fill=fill)
+
+
+def _regular(n: int, r: float = 0.5, rot: float = -math.pi / 2, r_inner: float | None = None):
+    pts = []
+    k = 2 * n if r_inner is not None else n
+    for i in range(k):
+        rr = r if (r_inner is None or i % 2 == 0) else r_inner
+        t = rot + 2 * math.pi * i / k
+        pts.append((0.5 + rr * math.cos(t), 0.5 + rr * math.sin(t)))
+    return pts
+
+
+def _draw_heart(d, box):
+    _ell(d, box, 0.0, 0.05, 0.55, 0.6)
+    _ell(d, box, 0.45, 0.05, 1.0, 0.6)
+    _poly(d, box, [(0.03, 0.42), (0.97, 0.42), (0.5, 1.0)])
+
+
+def _draw_moon(d, box):
+    _ell(d, box, 0.0, 0.0, 1.0, 1.0)
+    _ell(d, box, 0.3, -0.1, 1.2, 0.8, fill=0)
+
+
+def _draw_ring(d, box):
+    _ell(d, box, 0.0, 0.0, 1.0, 1.0)
+    _ell(d, box, 0.27, 0.27, 0.73, 0.73, fill=0)
+
+
+def _draw_flower(d, box):
+    for i in range(6):
+        t = 2 * math.pi * i / 6
+        cx, cy = 0.5 + 0.3 * math.cos(t), 0.5 + 0.3 * math.sin(t)
+        _ell(d, box, cx - 0.2, cy - 0.2, cx + 0.2, cy + 0.2)
+    _ell(d, box, 0.3, 0.3, 0.7, 0.7)
+
+
+def _draw_drop(d, box):
+    _ell(d, box, 0.15, 0.35, 0.85, 1.0)
+    _poly(d, box, [(0.5, 0.0), (0.82, 0.55), (0.18, 0.55)])
+
+
+def _draw_tree(d, box):
+    _poly(d, box, [(0.5, 0.0), (0.9, 0.45), (0.1, 0.45)])
+    _poly(d, box, [(0.5, 0.2), (1.0, 0.78), (0.0, 0.78)])
+    _poly(d, box, [(0.42, 0.75), (0.58, 0.75), (0.58, 1.0), (0.42, 1.0)])
+
+
+def _draw_cloud(d, box):
+    _ell(d, box, 0.0, 0.4, 0.4, 0.85)
+    _ell(d, box, 0.2, 0.15, 0.65, 0.7)
+    _ell(d, box, 0.5, 0.3, 0.95, 0.85)
+    _poly(d, box, [(0.2, 0.55), (0.75, 0.55), (0.75, 0.85), (0.2, 0.85)])
+
+
+def _draw_flag(d, box):
+    _poly(d, box, [(0.05, 0.0), (0.15, 0.0), (0.15, 1.0), (0.05, 1.0)])
+    _poly(d, box, [(0.15, 0.05), (0.95, 0.05), (0.8, 0.3), (0.95, 0.55), (0.15, 0.55)])
+
+
+_SHAPE_DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, tuple], None]] = {
+    "circle": lambda d, b: _ell(d, b, 0.0, 0.0, 1.0, 1.0),
+    "oval": lambda d, b: _ell(d, b, 0.0, 0.22, 1.0, 0.78),
+    "ring": _draw_ring,
+    "square": lambda d, b: _poly(d, b, [(0.08, 0.08), (0.92, 0.08), (0.92, 0.92), (0.08, 0.92)]),
+    "triangle": lambda d, b: _poly(d, b, [(0.5, 0.02), (1.0, 0.95), (0.0, 0.95)]),
+    "star": lambda d, b: _poly(d, b, _regular(5, 0.52, r_inner=0.21)),
+    "heart": _draw_heart,
+    "cross": lambda d, b: _poly(d, b, [(0.35, 0.0), (0.65, 0.0), (0.65, 0.35), (1.0, 0.35), (1.0, 0.65),
+                                       (0.65, 0.65), (0.65, 1.0), (0.35, 1.0), (0.35, 0.65), (0.0, 0.65),
+                                       (0.0, 0.35), (0.35, 0.35)]),
+    "arrow": lambda d, b: _poly(d, b, [(0.0, 0.35), (0.55, 0.35), (0.55, 0.1), (1.0, 0.5), (0.55, 0.9),
+                                       (0.55, 0.65), (0.0, 0.65)]),
+    "moon": _draw_moon,
+    "diamond": lambda d, b: _poly(d, b, [(0.5, 0.0), (0.82, 0.5), (0.5, 1.0), (0.18, 0.5)]),
+    "pentagon": lambda d, b: _poly(d, b, _regular(5, 0.52)),
+    "bolt": lambda d, b: _poly(d, b, [(0.55, 0.0), (0.15, 0.58), (0.45, 0.58), (0.3, 1.0), (0.85, 0.38),
+                                      (0.55, 0.38), (0.75, 0.0)]),
+    "flower": _draw_flower,
+    "drop": _draw_drop,
+    "house": lambda d, b: _poly(d, b, [(0.5, 0.0), (1.0, 0.45), (0.85, 0.45), (0.85, 1.0), (0.15, 1.0),
+                                       (0.15, 0.45), (0.0, 0.45)]),
+    "tree": _draw_tree,
+    "cloud": _draw_cloud,
+    "shield": lambda d, b: _poly(d, b, [(0.05, 0.0), (0.95, 0.0), (0.95, 0.5), (0.75, 0.8), (0.5, 1.0),
+                                        (0.25, 0.8), (0.05, 0.5)]),
+    "flag": _draw_flag,
+}
+assert set(_SHAPE_DRAWERS) == set(SHAPES)
+
+
+def shape_mask(shape: str, box: tuple[int, int, int, int], image_size: int) -> Image.Image:
+    """L-mode mask (255 inside) of ``shape`` drawn into box=(x0, y0, w, h) on an image_size canvas."""
+    if shape not in _SHAPE_DRAWERS:
+        raise ValueError(f"Unknown shape {shape!r}; expected one of {', '.join(SHAPES)}.")
+    mask = Image.new("L", (image_size, image_size), 0)
+    _SHAPE_DRAWERS[shape](ImageDraw.Draw(mask), box)
+    return mask
+
+
+# ---- backgrounds --------------------------------------------------------------------------------------
+def render_background(rng: random.Random, image_size: int = 64) -> Image.Image:
+    """A light textured background: noise, gradient, stripes or dots on a random pale tint."""
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    base = np.array([rng.randint(170, 250) for _ in range(3)], dtype=np.float32)
+    kind = rng.randrange(4)
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) / image_size
+    if kind == 0:    # plain + noise
+        tex = np.zeros((image_size, image_size), np.float32)
+    elif kind == 1:  # gradient
+        a = rng.uniform(0, 2 * math.pi)
+        tex = 40 * ((xx * math.cos(a) + yy * math.sin(a)) - 0.5)
+    elif kind == 2:  # stripes
+        a = rng.uniform(0, math.pi)
+        f = rng.uniform(4, 10)
+        tex = 18 * np.sign(np.sin(2 * math.pi * f * (xx * math.cos(a) + yy * math.sin(a))))
+    else:            # soft blobs
+        f1, f2 = rng.uniform(2, 6), rng.uniform(2, 6)
+        tex = 20 * np.sin(2 * math.pi * f1 * xx + rng.uniform(0, 6)) * np.cos(2 * math.pi * f2 * yy)
+    noise = nrng.normal(0, rng.uniform(2, 12), (image_size, image_size, 3)).astype(np.float32)
+    arr = base[None, None, :] + tex[..., None] + noise
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+# ---- objects and words --------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _fonts() -> tuple[str, ...]:
+    return tuple(resolve_fonts())
+
+
+def _word_style(rng: random.Random, colour_rgb: tuple[int, int, int], size: int) -> TextStyle:
+    font = rng.choice(_fonts())
+    white_box = rng.random() < 0.3
+    lum = 0.299 * colour_rgb[0] + 0.587 * colour_rgb[1] + 0.114 * colour_rgb[2]
+    fill = (0, 0, 0) if (white_box or lum > 140) else (255, 255, 255)
+    return TextStyle(font=font, size=size, fill=fill, position="center", white_box=white_box, box_pad=1)
+
+
+def render_object(shape: str, colour: str, rng: random.Random, image_size: int = 64,
+                  word: str | None = None) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """One ``colour`` ``shape`` at a random size/position on a textured background -> (RGB image, bbox x0,y0,x1,y1).
+
+    With ``word``, the word is then drawn onto the object (typographic attack); the object itself, the background
+    and the bbox are identical to the call without ``word`` given an rng in the same state.
+    """
+    if colour not in COLOURS:
+        raise ValueError(f"Unknown colour {colour!r}; expected one of {', '.join(COLOURS)}.")
+    if shape not in SHAPES:
+        raise ValueError(f"Unknown shape {shape!r}; expected one of {', '.join(SHAPES)}.")
+    image = render_background(rng, image_size)
+    frac = rng.uniform(0.5, 0.9)
+    w = h = int(round(frac * image_size))
+    x0 = rng.randint(0, image_size - w)
+    y0 = rng.randint(0, image_size - h)
+    rgb = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLOURS[colour])
+    mask = shape_mask(shape, (x0, y0, w, h), image_size)
+    image.paste(Image.new("RGB", image.size, rgb), (0, 0), mask)
+    bbox = mask.getbbox() or (x0, y0, x0 + w, y0 + h)
+    text_rng = random.Random(rng.getrandbits(32))  # drawn even without a word, so rng ends in the same state
+    if word:
+        style = _word_style(text_rng, rgb, size=max(8, int(h * 0.4)))
+        # the word is centred on the object's rows (it may overhang the object sideways, like a label)
+        cy0, cy1 = bbox[1], bbox[3]
+        if cy1 - cy0 < image_size // 3:
+            cy0, cy1 = 0, image_size
+        crop = image.crop((0, cy0, image_size, cy1))
+        try:
+            crop, _ = draw_word(crop, word, style, text_rng)
+        except ValueError:  # a very long word: fall back to the whole canvas
+            crop, cy0 = draw_word(image, word, style, text_rng)[0], 0
+        image.paste(crop, (0, cy0))
+    return image, bbox
+
+
+def render_word(word: str, rng: random.Random, image_size: int = 64) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A word image: ``word`` in a random font / dark colour / position on a textured background."""
+    image = render_background(rng, image_size)
+    fill = (rng.randint(0, 90), rng.randint(0, 90), rng.randint(0, 90))
+    style = TextStyle(font=rng.choice(_fonts()), size=rng.randint(int(image_size * 0.28), int(image_size * 0.45)),
+                      fill=fill, position="random", white_box=rng.random() < 0.15, box_pad=2)
+    return draw_word(image, word, style, rng)
+
+
+@lru_cache(maxsize=4)
+def world_vocabulary(size: int = VOCAB_SIZE, seed: int = 0) -> tuple[str, ...]:
+    """Dictionary words used by the world: ``size`` single-BPE-token words of 3..8 letters (seeded subset),
+    always including the class names and colour names. Sorted."""
+    import open_clip
+
+    enc = open_clip.get_tokenizer("ViT-B-32").encoder
+    words = [w for w in load_word_list(min_len=3, max_len=8) if w + "</w>" in enc]
+    keep = set(SHAPES) | set(COLOURS)
+    pool = sorted(set(words) - keep)
+    chosen = random.Random(seed).sample(pool, min(size, len(pool)))
+    return tuple(sorted(set(chosen) | keep))
+
+
+def caption_for(kind: str, rng: random.Random, shape: str = "", colour: str = "", word: str = "",
+                size: str = "") -> str:
+    """Caption for an item of ``kind`` in {"object", "word", "object_word"}."""
+    if kind == "object":
+        tpl = rng.choice(OBJECT_TEMPLATES) if size else rng.choice(OBJECT_TEMPLATES[:2])
+        return tpl.format(colour=colour, shape=shape, size=size)
+    if kind == "word":
+        return rng.choice(WORD_TEMPLATES).format(word=word)
+    if kind == "object_word":
+        return rng.choice(OBJECT_WORD_TEMPLATES).format(colour=colour, shape=shape, word=word)
+    raise ValueError(f"Unknown caption kind {kind!r}; expected 'object', 'word' or 'object_word'.")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> CLIP-normalised FloatTensor[3, H, W]."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (arr - mean) / std
+
+
+def _item_rng(seed: int, index: int) -> random.Random:
+    return random.Random((int(seed) << 40) ^ int(index))
+
+
+# ---- dataset ------------------------------------------------------------------------------------------
+class WorldDataset(Dataset):
+    """Item ``i`` is a pure function of (seed, i): an object, a word image, or an object with a word on it.
+
+    Items: dict(image=FloatTensor[3, H, W] (CLIP-normalised; the PIL image with ``return_pil=True``),
+    caption=str, kind=str, shape=str, colour=str, word=str, label=int (shape index, -1 for word images)).
+    """
+
+    def __init__(self, seed: int = 0, length: int = 100_000, image_size: int = 64, word_share: float = 0.25,
+                 object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
+                 return_pil: bool = False):
+        if not (0 <= word_share and 0 <= object_word_share and word_share + object_word_share <= 1):
+            raise ValueError(f"word_share={word_share} and object_word_share={object_word_share} must be >= 0 "
+                             f"and sum to at most 1.")
+        if length < 1 or image_size < 16:
+            raise ValueError(f"length must be >= 1 (got {length}) and image_size >= 16 (got {image_size}).")
+        self.seed, self.length, self.image_size = int(seed), int(length), int(image_size)
+        self.word_share, self.object_word_share = float(word_share), float(object_word_share)
+        self.nonsense_share, self.class_word_share = float(nonsense_share), float(class_word_share)
+        self.return_pil = return_pil
+        self.vocab = world_vocabulary()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _random_word(self, rng: random.Random) -> str:
+        if rng.random() < self.nonsense_share:
+            return nonsense_word(rng)
+        return rng.choice(self.vocab)
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """The PIL image and metadata of item ``index``."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for WorldDataset of length {self.length}")
+        rng = _item_rng(self.seed, index)
+        u = rng.random()
+        if u < self.word_share:
+            word = self._random_word(rng)
+            image, _ = render_word(word, rng, self.image_size)
+            return dict(image=image, kind="word", shape="", colour="", word=word, label=-1,
+                        caption=caption_for("word", rng, word=word))
+        shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
+        if u < self.word_share + self.object_word_share:
+            if rng.random() < self.class_word_share:
+                word = rng.choice([s for s in SHAPES if s != shape])
+            else:
+                word = self._random_word(rng)
+            image, _ = render_object(shape, colour, rng, self.image_size, word=word)
+            return dict(image=image, kind="object_word", shape=shape, colour=colour, word=word,
+                        label=SHAPES.index(shape),
+                        caption=caption_for("object_word", rng, shape=shape, colour=colour, word=word))
+        image, bbox = render_object(shape, colour, rng, self.image_size)
+        size = ""
+        if rng.random() < 0.3:
+            size = SIZE_WORDS[int((bbox[2] - bbox[0]) * (bbox[3] - bbox[1]) > 0.4 * self.image_size ** 2)]
+        return dict(image=image, kind="object", shape=shape, colour=colour, word="", label=SHAPES.index(shape),
+                    caption=caption_for("object", rng, shape=shape, colour=colour, size=size))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.sample(index)
+        if not self.return_pil:
+            item["image"] = to_tensor(item["image"])
+        return item
+
+
+class OffsetDataset(Dataset):
+    """``base[start:]`` as a dataset: how a resumed run continues exactly where the killed one stopped."""
+
+    def __init__(self, base: Dataset, start: int):
+        self.base, self.start = base, int(start)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.start)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        return self.base[self.start + index]
+
+
+# ---- fixed evaluation splits --------------------------------------------------------------------------
+@dataclass
+class TypographicSplit:
+    """Clean objects and the same objects with a WRONG class word written on them."""
+
+    clean: list[Image.Image]
+    attacked: list[Image.Image]
+    labels: list[int]          # index into SHAPES
+    attack_words: list[str]    # a class name != the true one
+    colours: list[str]
+    classnames: tuple[str, ...] = SHAPES
+
+
+def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64) -> TypographicSplit:
+    """Deterministic from ``seed``: n objects (classes balanced round-robin), each rendered clean and attacked."""
+    if n < 1:
+        raise ValueError(f"typographic_split needs n >= 1, got {n}")
+    clean, attacked, labels, words, colours = [], [], [], [], []
+    for i in range(n):
+        rng = _item_rng(seed, i)
+        label = i % len(SHAPES)
+        shape, colour = SHAPES[label], rng.choice(tuple(COLOURS))
+        word = rng.choice([s for s in SHAPES if s != shape])
+        state = rng.getstate()
+        img_clean, _ = render_object(shape, colour, rng, image_size)
+        rng.setstate(state)
+        img_att, _ = render_object(shape, colour, rng, image_size, word=word)
+        clean.append(img_clean)
+        attacked.append(img_att)
+        labels.append(label)
+        words.append(word)
+        colours.append(colour)
+    return TypographicSplit(clean, attacked, labels, words, colours)
+
+
+def word_split(n: int = 200, seed: int = 4321, image_size: int = 64, nonsense: bool = False
+               ) -> tuple[list[Image.Image], list[str]]:
+    """n word images with distinct words (vocabulary words, or nonsense strings), deterministic from seed."""
+    rng = random.Random(seed)
+    vocab = world_vocabulary()
+    words: list[str] = []
+    seen: set[str] = set()
+    while len(words) < n:
+        w = nonsense_word(rng) if nonsense else rng.choice(vocab)
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    images = [render_word(w, _item_rng(seed, i), image_size)[0] for i, w in enumerate(words)]
+    return images, words
+
+
+# ---- datamodule ---------------------------------------------------------------------------------------
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}  # [B, 3, H, W]
+    for k in ("caption", "kind", "shape", "colour", "word"):
+        out[k] = [it[k] for it in items]
+    out["label"] = torch.tensor([it["label"] for it in items])
+    return out
+
+
+class SyntheticWorldDataModule(pl.LightningDataModule):
+    """Pretraining data: an 'infinite' WorldDataset (train) and a fixed validation set.
+
+    ``batch_size`` is per process. Training items are taken in index order (each item is already random), and a
+    resumed run starts at ``global_step * batch_size * world_size``, so resuming reproduces the uninterrupted run.
+    """
+
+    def __init__(self, seed: int = 0, train_length: int = 10_000_000, val_size: int = 400, batch_size: int = 128,
+                 num_workers: int = 0, image_size: int = 64, word_share: float = 0.25,
+                 object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set = WorldDataset(seed, train_length, image_size, word_share, object_word_share,
+                                      nonsense_share, class_word_share)
+        self.val_set = WorldDataset(seed + 1_000_003, val_size, image_size, word_share, object_word_share,
+                                    nonsense_share, class_word_share)
+
+    def _loader(self, ds: Dataset) -> DataLoader:
+        nw = self.hparams.num_workers
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, num_workers=nw,
+                          collate_fn=collate, persistent_workers=nw > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        start = 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            start = trainer.global_step * self.hparams.batch_size * trainer.world_size
+        return self._loader(OffsetDataset(self.train_set, start))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)

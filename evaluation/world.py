@@ -1,0 +1,73 @@
+"""The built-in synthetic world: zero-shot shape accuracy clean vs. with a wrong class word written on the object
+(typographic attack), and word-image -> word-string retrieval (dictionary and nonsense words), on fixed seeded splits.
+
+    python evaluate.py --backbone tiny-vit-world --pretrained synthetic-world --suite world
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datamodules.synthetic_world import COLOURS, SHAPES, typographic_split, word_prompt, word_split
+from evaluation.common import EvalModel
+
+NAME = "world"
+HELP = "synthetic world: clean vs. wrong-word (attacked) zero-shot accuracy, and word reading"
+
+# The zero-shot prompt ensemble: the caption forms of the world, averaged over colours.
+TEMPLATES: tuple[str, ...] = tuple(f"a photo of a {c} {{}}." for c in COLOURS) + tuple(f"a {c} {{}}." for c in COLOURS)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--world_n", type=int, default=400, help="objects in the typographic split")
+    parser.add_argument("--world_seed", type=int, default=1234, help="seed of the fixed splits")
+    parser.add_argument("--world_words", type=int, default=200, help="word images per retrieval split")
+
+
+def images_to_tensor(model: EvalModel, images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images (already at the model's resolution) -> CLIP-normalised [N, 3, H, W]."""
+    size = model.backbone.image_size
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size)) if im.size != (size, size)
+                               else im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(model.device)  # [N, 3, H, W] in [0, 1]
+    return model.backbone.normalize_pixels(x)
+
+
+@torch.no_grad()
+def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234) -> dict[str, float]:
+    split = typographic_split(n, seed, image_size=model.backbone.image_size)
+    cls = model.class_text_features(SHAPES, TEMPLATES)                      # [C, D]
+    labels = torch.tensor(split.labels, device=model.device)
+    attack = torch.tensor([SHAPES.index(w) for w in split.attack_words], device=model.device)
+    pred_clean = (model.encode_images(images_to_tensor(model, split.clean)) @ cls.t()).argmax(-1)
+    pred_att = (model.encode_images(images_to_tensor(model, split.attacked)) @ cls.t()).argmax(-1)
+    clean = (pred_clean == labels).float().mean().item()
+    attacked = (pred_att == labels).float().mean().item()
+    return {"clean_acc": clean, "attacked_acc": attacked, "typographic_gap": clean - attacked,
+            "attack_success_rate": (pred_att == attack).float().mean().item(),
+            "chance": 1.0 / len(SHAPES), "n_objects": n}
+
+
+@torch.no_grad()
+def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool) -> float:
+    images, words = word_split(n, seed, image_size=model.backbone.image_size, nonsense=nonsense)
+    img = model.encode_images(images_to_tensor(model, images))              # [N, D]
+    txt = model.encode_texts([word_prompt(w) for w in words])              # [N, D]
+    pred = (img @ txt.t()).argmax(-1).cpu()
+    return (pred == torch.arange(len(words))).float().mean().item()
+
+
+def run(model: EvalModel, args) -> dict:
+    n = getattr(args, "world_n", 400)
+    seed = getattr(args, "world_seed", 1234)
+    n_words = getattr(args, "world_words", 200)
+    if n < 1 or n_words < 2:
+        raise ValueError(f"--world_n must be >= 1 and --world_words >= 2 (got {n}, {n_words}).")
+    out = typographic_metrics(model, n, seed)
+    out["word_top1_real"] = word_retrieval_top1(model, n_words, seed + 1, nonsense=False)
+    out["word_top1_nonsense"] = word_retrieval_top1(model, n_words, seed + 2, nonsense=True)
+    out["word_chance"] = 1.0 / n_words
+    return out

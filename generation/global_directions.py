@@ -1,0 +1,292 @@
+"""StyleCLIP global directions in StyleSpace (spec reference/styleclip_vqgan.md §4).
+
+    python generate.py styleclip-global --neutral "face" --target "smiling face" --alpha 4.1 --beta 0.15 \
+        --generator-checkpoint stylegan2-ffhq-config-f.pt --backbone ViT-B-32 --pretrained openai
+
+1. ``style_statistics``: S mean/std per channel over ``n_samples`` W's (seed 5, psi 0.7, cutoff 8) and the
+   first ``n_codes`` S codes.
+2. ``channel_relevance`` (slow, cached to disk atomically): for every channel c of the conv layers at
+   <= 128 px, render ``n_images`` codes with s_c = mean_c -/+ alpha*sigma_c, encode with CLIP's standard
+   preprocessing, normalise(mean_i normalise(normalise(e+) - normalise(e-))) -> fs3 [n_channels, D].
+3. ``text_direction``: template-averaged (79 ImageNet templates) target minus neutral, normalised.
+4. ``edit_styles``: r = fs3 . dt, zero |r| < beta, divide by max|r|, scale by sigma; s' = s + alpha * ds.
+
+Deviation: the anchor's shallow ``copy.copy`` leaves each processed channel at its mean for all later channels;
+here every channel is measured on the unmodified codes (the defect is not reproduced).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from models.clip_backbone import ClipBackbone
+from models.stylegan2 import Generator
+from utils.io import atomic_torch_save, safe_torch_load
+
+log = logging.getLogger(__name__)
+
+
+def imagenet_templates() -> list[str]:
+    """CLIP's 80 ImageNet prompt templates without 'a photo of many {}.' (79, as StyleCLIP)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES if t("{}") != "a photo of many {}."]
+
+
+@dataclass
+class StyleStats:
+    mean: list[torch.Tensor]  # per S layer [C_l]
+    std: list[torch.Tensor]  # [C_l]
+    codes: list[torch.Tensor]  # first n_codes S codes, [n_codes, C_l]
+
+
+def _sample_w_plus(generator: Generator, z: torch.Tensor, truncation: float, cutoff: int,
+                   mean: torch.Tensor) -> torch.Tensor:
+    w = generator.get_latent(z).unsqueeze(1).repeat(1, generator.n_latent, 1)  # [B, n_latent, D]
+    rows = torch.arange(generator.n_latent, device=w.device).view(1, -1, 1) < cutoff
+    return torch.where(rows, mean + truncation * (w - mean), w)
+
+
+@torch.no_grad()
+def style_statistics(generator: Generator, n_samples: int = 100_000, n_codes: int = 2000, truncation: float = 0.7,
+                     cutoff: int = 8, seed: int = 5, batch_size: int = 1000, progress: bool = True) -> StyleStats:
+    g = torch.Generator().manual_seed(seed)
+    mean_w = generator.latent_avg if getattr(generator, "latent_avg", None) is not None \
+        else generator.mean_latent(4096, generator=torch.Generator().manual_seed(seed + 1))
+    mean_w = mean_w.to(generator.device).reshape(1, 1, -1)
+    dims = generator.s_dims
+    s1 = [torch.zeros(c, dtype=torch.float64) for c in dims]
+    s2 = [torch.zeros(c, dtype=torch.float64) for c in dims]
+    codes: list[list[torch.Tensor]] = [[] for _ in dims]
+    n_done = 0
+    with _bar(progress, "S statistics", n_samples) as (bar, task):
+        while n_done < n_samples:
+            b = min(batch_size, n_samples - n_done)
+            z = torch.randn(b, generator.style_dim, generator=g).to(generator.device)
+            s = generator.w_to_s(_sample_w_plus(generator, z, truncation, cutoff, mean_w))
+            for j, t in enumerate(s):
+                t64 = t.double().cpu()
+                s1[j] += t64.sum(0)
+                s2[j] += (t64 * t64).sum(0)
+                kept = sum(c.shape[0] for c in codes[j])
+                if kept < n_codes:
+                    codes[j].append(t[: n_codes - kept].float().cpu())
+            n_done += b
+            if bar is not None:
+                bar.update(task, advance=b)
+    mean = [(a / n_samples).float() for a in s1]
+    std = [((q / n_samples) - (a / n_samples) ** 2).clamp_min(0).sqrt().float() for a, q in zip(s1, s2)]
+    return StyleStats(mean, std, [torch.cat(c) for c in codes])
+
+
+def relevance_layers(generator: Generator, max_resolution: int = 128) -> list[int]:
+    """Non-ToRGB S layers whose output is <= max_resolution (11 layers / 5,376 channels at 1024 px)."""
+    rgb = set(generator.torgb_s_indices)
+    return [j for j, r in enumerate(generator.s_resolutions()) if j not in rgb and r <= max_resolution]
+
+
+def clip_standard_input(backbone: ClipBackbone, images: torch.Tensor) -> torch.Tensor:
+    """Generator [-1, 1] -> CLIP's standard preprocessing (resize to image_size, mean/std normalisation)."""
+    x = (images.clamp(-1, 1) + 1) / 2
+    x = F.interpolate(x, size=(backbone.image_size, backbone.image_size), mode="bicubic", align_corners=False,
+                      antialias=True)
+    return backbone.normalize_pixels(x)
+
+
+def _cache_key(meta: dict) -> str:
+    return hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: StyleStats, layers: Sequence[int] | None = None,
+                      n_images: int = 100, alpha: float = 5.0, batch_size: int = 32, cache_dir: str | Path | None = None,
+                      cache_meta: dict | None = None, progress: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """fs3 [n_channels, D] and the (S layer, channel) of each row; cached under ``cache_dir`` when given."""
+    layers = list(relevance_layers(generator) if layers is None else layers)
+    n_images = min(n_images, stats.codes[0].shape[0])
+    meta = {"layers": layers, "n_images": n_images, "alpha": alpha, "clip": backbone.spec(),
+            "generator": {"size": generator.size, "style_dim": generator.style_dim}, **(cache_meta or {})}
+    path = Path(cache_dir) / f"fs3_{_cache_key(meta)}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        cached = safe_torch_load(path, "channel-relevance cache")
+        log.info("channel relevance loaded from cache %s", path)
+        return cached["fs3"], [tuple(x) for x in cached["index"]]
+    dev = generator.device
+    base = [c[:n_images].to(dev) for c in stats.codes]  # [n, C_l] each
+    index = [(j, c) for j in layers for c in range(generator.s_dims[j])]
+    rows = []
+    with _bar(progress, "channel relevance", len(index)) as (bar, task):
+        for j, c in index:
+            diffs = []
+            for lo in range(0, n_images, batch_size):
+                hi = min(lo + batch_size, n_images)
+                s = [t[lo:hi].repeat(2, 1) for t in base]  # [2b, C_l]: first half -, second half +
+                s[j] = s[j].clone()
+                shift = alpha * stats.std[j][c].to(dev)
+                s[j][: hi - lo, c] = stats.mean[j][c].to(dev) - shift
+                s[j][hi - lo:, c] = stats.mean[j][c].to(dev) + shift
+                img = generator.synthesize_s(s, randomize_noise=False)
+                e = backbone.encode_image(clip_standard_input(backbone, img), normalize=True)  # [2b, D]
+                diffs.append(F.normalize(e[hi - lo:] - e[: hi - lo], dim=-1))
+            rows.append(F.normalize(torch.cat(diffs).mean(0), dim=-1).cpu())
+            if bar is not None:
+                bar.update(task, advance=1)
+    fs3 = torch.stack(rows)  # [n_channels, D]
+    if path is not None:
+        atomic_torch_save({"fs3": fs3, "index": index, "meta": meta}, path)
+        log.info("channel relevance cached to %s", path)
+    return fs3, index
+
+
+@torch.no_grad()
+def text_direction(backbone: ClipBackbone, neutral: str, target: str, templates: Sequence[str] | None = None) -> torch.Tensor:
+    """dt = normalise(t_target - t_neutral), each the normalised mean of normalised template embeddings. [D]."""
+    templates = list(templates or imagenet_templates())
+
+    def embed(name: str) -> torch.Tensor:
+        e = backbone.encode_text(backbone.tokenize([t.format(name) for t in templates]), normalize=True)
+        return F.normalize(e.mean(0), dim=-1)
+
+    return F.normalize(embed(target) - embed(neutral), dim=-1).float().cpu()
+
+
+def channel_scores(fs3: torch.Tensor, dt: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_c = fs3_c . dt, zeroed where |r_c| < beta, divided by max|r| -> [n_channels]."""
+    r = fs3.float() @ dt.float()
+    r = torch.where(r.abs() >= beta, r, torch.zeros_like(r))
+    peak = r.abs().max()
+    return r / peak if peak > 0 else r
+
+
+def auto_beta(fs3: torch.Tensor, dt: torch.Tensor, c_threshold: int = 20) -> float:
+    """Largest beta in 0.10, 0.11, ..., 0.29 manipulating more than c_threshold channels; else 0.1."""
+    r = (fs3.float() @ dt.float()).abs()
+    chosen = 0.1
+    for k in range(10, 30):
+        beta = k / 100
+        if int((r >= beta).sum()) > c_threshold:
+            chosen = beta
+    return chosen
+
+
+def style_delta(scores: torch.Tensor, index: Sequence[tuple[int, int]], stats: StyleStats) -> list[torch.Tensor]:
+    """Scatter per-channel scores into S layers, times sigma; ToRGB / uncovered layers get 0. -> list [C_l]."""
+    delta = [torch.zeros_like(m) for m in stats.mean]
+    for (j, c), r in zip(index, scores.tolist()):
+        if r != 0:
+            delta[j][c] = r * float(stats.std[j][c])
+    return delta
+
+
+def edit_styles(s: Sequence[torch.Tensor], delta: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """s' = s + alpha * ds; s: list [B, C_l]."""
+    return [t + alpha * d.to(t).unsqueeze(0) for t, d in zip(s, delta)]
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------
+class _bar:
+    """A rich progress bar as a context manager yielding (progress, task), or (None, None) when disabled."""
+
+    def __init__(self, enabled: bool, description: str, total: int):
+        self.enabled, self.description, self.total = enabled, description, total
+        self.progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None, None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn())
+        self.progress.__enter__()
+        return self.progress, self.progress.add_task(self.description, total=self.total)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+
+def add_subcommand(subparsers) -> None:
+    from generation.styleclip_optimize import add_generator_arguments
+
+    p = subparsers.add_parser("styleclip-global", help="StyleCLIP global directions (StyleSpace)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--neutral", required=True, help='e.g. "face"')
+    p.add_argument("--target", required=True, help='e.g. "smiling face"')
+    p.add_argument("--alpha", type=float, nargs="+", default=[4.1], help="manipulation strength(s)")
+    p.add_argument("--beta", default="0.15", help="disentanglement threshold, or 'auto'")
+    p.add_argument("--c-threshold", type=int, default=20, help="auto-beta: minimum channels (20 ffhq, 100 others)")
+    p.add_argument("--latent-path", default=None, help="W+ latents (N, n_latent, style_dim) to edit")
+    p.add_argument("--n-edit", type=int, default=4, help="random faces to edit without --latent-path")
+    p.add_argument("--stats-samples", type=int, default=100_000)
+    p.add_argument("--n-images", type=int, default=100, help="images per channel for the relevance")
+    p.add_argument("--max-resolution", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cache-dir", default="cache/styleclip_global")
+    p.add_argument("--output-dir", default="results/styleclip_global")
+    p.add_argument("--no-progress", action="store_true")
+    add_generator_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from torchvision.utils import save_image
+
+    from datamodules.latents import load_latents
+    from generation.styleclip_optimize import build_models
+    from utils.io import atomic_write_json
+
+    if args.beta != "auto":
+        try:
+            float(args.beta)
+        except ValueError:
+            raise SystemExit(f"--beta must be a number or 'auto', got {args.beta!r}")
+    latents = load_latents(args.latent_path, args.generator_size, args.style_dim) if args.latent_path else None
+    gen, backbone = build_models(args)
+    progress = not args.no_progress
+    ident = {"generator_checkpoint": str(args.generator_checkpoint), "seed": args.seed,
+             "stats_samples": args.stats_samples, "arch": [args.n_mlp, args.channel_multiplier, args.channel_max]}
+    stats_path = Path(args.cache_dir) / f"s_stats_{_cache_key(ident)}.pt"
+    if stats_path.is_file():
+        d = safe_torch_load(stats_path, "S statistics cache")
+        stats = StyleStats(d["mean"], d["std"], d["codes"])
+    else:
+        stats = style_statistics(gen, n_samples=args.stats_samples, n_codes=max(args.n_images, 1),
+                                 batch_size=min(1000, args.stats_samples), progress=progress)
+        atomic_torch_save({"mean": stats.mean, "std": stats.std, "codes": stats.codes, "meta": ident}, stats_path)
+    fs3, index = channel_relevance(gen, backbone, stats, relevance_layers(gen, args.max_resolution), args.n_images,
+                                   batch_size=args.batch_size, cache_dir=args.cache_dir, cache_meta=ident,
+                                   progress=progress)
+    dt = text_direction(backbone, args.neutral, args.target)
+    beta = auto_beta(fs3, dt, args.c_threshold) if args.beta == "auto" else float(args.beta)
+    scores = channel_scores(fs3, dt, beta)
+    n_channels = int((scores != 0).sum())
+    print(f"beta {beta:.2f}: num of channels being manipulated: {n_channels}")
+    delta = style_delta(scores, index, stats)
+    with torch.no_grad():
+        if latents is None:
+            from generation.styleclip_optimize import initial_latent
+
+            latents = torch.cat([initial_latent(gen, "edit", 0.7, args.seed + k) for k in range(args.n_edit)])
+        s = gen.w_to_s(latents.to(gen.device))
+        rows = [gen.synthesize_s(s)]
+        for a in args.alpha:
+            rows.append(gen.synthesize_s(edit_styles(s, [d.to(gen.device) for d in delta], a)))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = torch.stack(rows, 1).flatten(0, 1).clamp(-1, 1).add(1).div(2).cpu()  # [N*(1+A), 3, H, W]
+    save_image(grid, out / "global_edit.png", nrow=len(rows))
+    summary = {"neutral": args.neutral, "target": args.target, "alpha": args.alpha, "beta": beta,
+               "n_channels": n_channels}
+    atomic_write_json(summary, out / "summary.json")
+    print(f"wrote {out / 'global_edit.png'} (rows: original, alpha={args.alpha})")
+    return summary

@@ -1,0 +1,187 @@
+"""CoOp (Zhou et al., IJCV 2022) on a frozen CLIP, optionally with NTLB's explainability loss (spec §2, §3).
+
+    python train.py fit --config configs/coop/imagenet_16shot.yaml
+    python train.py fit --config configs/coop/imagenet_1shot_expl.yaml        # + lambda * L_expl
+
+Only the prompt context is trained and saved.  Class names come from ``classnames`` / ``classnames_file`` or,
+when both are unset, from the datamodule (``trainer.datamodule.classnames``) at setup; they are then written into
+the checkpoint's hyperparameters so ``load_method_checkpoint`` rebuilds the same prompts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.base import FrozenBackboneModule
+from models.prompt_learner import PromptLearner
+
+log = logging.getLogger(__name__)
+
+
+def warmup_cosine_factor(epoch: int, lr: float, max_epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
+    """Dassl's schedule as a LambdaLR factor: constant ``warmup_lr`` for the warm-up epochs, then cosine over
+    ``max_epochs`` restarted at 0 after the warm-up (WARMUP_RECOUNT=True)."""
+    if epoch < warmup_epochs:
+        return warmup_lr / lr
+    t = epoch - warmup_epochs
+    return 0.5 * (1.0 + math.cos(math.pi * min(t, max_epochs) / max(max_epochs, 1)))
+
+
+class CoOp(FrozenBackboneModule):
+    """Learnable prompt context + CE over the classes (+ ``expl_weight`` * NTLB loss)."""
+
+    def __init__(self, backbone: str = "tiny-vit-world", pretrained: str | None = "synthetic-world",
+                 classnames: list[str] | None = None, classnames_file: str | None = None,
+                 n_ctx: int | None = 16, ctx_init: str = "", csc: bool = False, class_token_position: str = "end",
+                 lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, max_epochs: int | None = None,
+                 warmup_epochs: int = 1, warmup_lr: float = 1e-5,
+                 expl_weight: float = 0.0, also_minimize: bool = True, expl_start_layer: int = 0,
+                 expl_score: str = "logit", expl_chunk_size: int | None = None,
+                 log_relevance_every_n_epochs: int = 0):
+        super().__init__(backbone, pretrained)
+        if classnames_file and not classnames:
+            path = Path(classnames_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"CoOp classnames_file not found: {path}")
+            classnames = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if expl_weight < 0:
+            raise ValueError(f"expl_weight must be >= 0, got {expl_weight}.")
+        if expl_score not in ("logit", "cosine"):
+            raise ValueError(f"expl_score must be 'logit' (anchor) or 'cosine', got {expl_score!r}.")
+        self.save_hyperparameters()
+        self.hparams["classnames"] = list(classnames) if classnames else None
+        self.prompt_learner: PromptLearner | None = None
+        if classnames:
+            self._build_prompts(classnames)
+
+    # ---- prompts -------------------------------------------------------------------------------------------------
+    def _build_prompts(self, classnames: Sequence[str]) -> None:
+        h = self.hparams
+        self.prompt_learner = PromptLearner(self.backbone, list(classnames), n_ctx=h.n_ctx if not h.ctx_init else None,
+                                            ctx_init=h.ctx_init, csc=h.csc,
+                                            class_token_position=h.class_token_position).to(self.device)
+        self.hparams["classnames"] = list(classnames)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm_names = list(getattr(dm, "classnames", None) or [])
+        if self.prompt_learner is None:
+            if not dm_names:
+                raise ValueError("CoOp has no class names: set model.classnames / model.classnames_file or use a "
+                                 "datamodule with a `classnames` attribute.")
+            self._build_prompts(dm_names)
+        elif dm_names and [c.replace("_", " ").strip() for c in dm_names] != self.prompt_learner.classnames:
+            raise ValueError(f"CoOp class names ({len(self.prompt_learner.classnames)}: "
+                             f"{self.prompt_learner.classnames[:3]}...) differ from the datamodule's "
+                             f"({len(dm_names)}: {dm_names[:3]}...).")
+        size = getattr(dm, "image_size", None)
+        if size is not None and int(size) != self.backbone.image_size:
+            raise ValueError(f"datamodule image_size={size} but backbone {self.backbone.name!r} expects "
+                             f"{self.backbone.image_size}; set data.init_args.image_size.")
+
+    def _prompts(self) -> PromptLearner:
+        if self.prompt_learner is None:
+            raise RuntimeError("CoOp prompts are not built yet (no class names; see setup()).")
+        return self.prompt_learner
+
+    def class_text_features(self, classnames: Sequence[str] | None = None) -> torch.Tensor:
+        """[C, D] L2-normalised text features of the learned prompts for ``classnames`` (evaluation API)."""
+        return self._prompts().text_features(classnames, normalize=True)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, D] normalised (frozen tower, once per image)."""
+        return self.backbone.encode_image(images, normalize=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """-> logits [B, C] = logit_scale * cos(image, prompt)."""
+        return self.backbone.logit_scale * self.image_features(images) @ self.class_text_features().T
+
+    # ---- training ------------------------------------------------------------------------------------------------
+    def compute_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        pl_ = self._prompts()
+        img = self.image_features(images)  # [B, D]
+        out: dict[str, torch.Tensor] = {}
+        text_feats = None
+        if self.hparams.expl_weight > 0:
+            from losses.explainability import coop_expl_loss
+
+            embeds, eot = pl_()  # [C, L, W], [C]
+            expl, scores, text_feats = coop_expl_loss(
+                self.backbone, img, embeds, eot, pl_.name_mask, labels,
+                also_minimize=self.hparams.also_minimize, start_layer=self.hparams.expl_start_layer,
+                score=self.hparams.expl_score, chunk_size=self.hparams.expl_chunk_size, params=[pl_.ctx])
+            out["expl"] = expl
+            out["gt_score"] = scores.gather(1, labels[:, None]).mean()
+        if text_feats is None:
+            text_feats = pl_.text_features(normalize=False)
+        logits = self.backbone.logit_scale * img @ F.normalize(text_feats, dim=-1).T  # [B, C]
+        out["ce"] = F.cross_entropy(logits, labels)
+        out["acc"] = (logits.argmax(-1) == labels).float().mean()
+        out["loss"] = out["ce"] + self.hparams.expl_weight * out["expl"] if "expl" in out else out["ce"]
+        return out
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        out = self.compute_losses(images, labels)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
+        return out["loss"]
+
+    def _eval_step(self, batch, prefix: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log_dict({f"{prefix}/acc": (logits.argmax(-1) == labels).float().mean(),
+                       f"{prefix}/ce": F.cross_entropy(logits, labels)}, batch_size=len(labels), sync_dist=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        max_epochs = h.max_epochs or (self._trainer.max_epochs if self._trainer is not None else None)
+        if not max_epochs or max_epochs < 0:
+            max_epochs = 50  # CoOp's ImageNet setting when neither the model nor the trainer says
+        opt = torch.optim.SGD([self._prompts().ctx], lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: warmup_cosine_factor(e, h.lr, max_epochs, h.warmup_epochs, h.warmup_lr))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- optional relevance visualisation ------------------------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        every = self.hparams.log_relevance_every_n_epochs
+        if not every or (self.current_epoch + 1) % every or not self.trainer.is_global_zero:
+            return
+        if importlib.util.find_spec("models.relevance_viz") is None:
+            return
+        try:
+            self._log_relevance_table()
+        except Exception as e:  # visualisation must never kill a run
+            log.warning("relevance visualisation skipped: %s: %s", type(e).__name__, e)
+
+    def _log_relevance_table(self) -> None:
+        """W&B table of the class-name share of the EOT relevance for a few training images."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        from losses.explainability import classname_scores
+        from models.relevance import text_relevance_from_embeddings
+
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        images, labels = next(iter(self.trainer.datamodule.train_dataloader()))
+        images, labels = images[:4].to(self.device), labels[:4].to(self.device)
+        pl_ = self._prompts()
+        embeds, eot = pl_()
+        rel, _ = text_relevance_from_embeddings(self.backbone, self.image_features(images), embeds.detach(), eot)
+        scores = classname_scores(rel.detach(), eot, pl_.name_mask)  # [b, C]
+        rows = [[int(y), pl_.classnames[int(y)], float(scores[i, y])] for i, y in enumerate(labels)]
+        loggers[0].log_table("coop/classname_relevance", columns=["label", "class", "gt_score"], data=rows)

@@ -1,0 +1,110 @@
+"""Few-shot split manifests (CoOp protocol) on a generated image folder."""
+import json
+
+import pytest
+import torch
+
+from datamodules.fewshot import FewShotDataError, FewShotDataModule, read_classnames, resolve_fewshot
+from tests.coop_data import make_colour_folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_colour_folder(tmp_path / "colours", n_train=6, n_test=3)
+
+
+def _dm(folder, tmp_path, **kw):
+    args = dict(dataset=f"imagefolder:{folder}", shots=2, seed=1, data_dir=str(tmp_path / "data"), image_size=32,
+                batch_size=4, num_workers=0)
+    args.update(kw)
+    return FewShotDataModule(**args)
+
+
+def test_split_is_k_shot_deterministic_and_reused(folder, tmp_path):
+    d1 = resolve_fewshot(f"imagefolder:{folder}", 2, 1, str(tmp_path / "data"))
+    man = d1.manifest
+    assert set(man["train"]) == {"blue", "green", "red", "yellow"}
+    assert all(len(v) == 2 for v in man["train"].values())
+    assert all(len(v) == 2 for v in man["val"].values())  # min(K, 4); from train leftovers (no val/)
+    assert all(not set(man["val"][k]) & set(man["train"][k]) for k in man["train"])
+    files = list((tmp_path / "data").rglob("shot_2-seed_1.json"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    d2 = resolve_fewshot(f"imagefolder:{folder}", 2, 1, str(tmp_path / "data"))
+    assert d2.manifest == man and files[0].stat().st_mtime_ns == mtime  # reused, not rewritten
+    other = resolve_fewshot(f"imagefolder:{folder}", 2, 2, str(tmp_path / "data2")).manifest
+    assert other["train"] != man["train"]  # another seed, another split (6 choose 2 per class)
+    again = resolve_fewshot(f"imagefolder:{folder}", 2, 1, str(tmp_path / "data3")).manifest
+    assert again["train"] == man["train"]  # same seed -> same sample, independent of the cache
+
+
+def test_datamodule_loaders_and_val_from_val_split(tmp_path):
+    root = make_colour_folder(tmp_path / "c", n_train=5, n_test=3, with_val=True)
+    dm = _dm(root, tmp_path, shots=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.data.manifest["val_split"] == "val"
+    assert len(dm.train_set) == 16 and len(dm.val_set) == 16 and len(dm.test_set) == 12
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long
+    assert dm.classnames == ["blue", "green", "red", "yellow"]
+
+
+def test_shots_larger_than_smallest_class_names_it(folder, tmp_path):
+    for p in sorted((folder / "train" / "green").iterdir())[3:]:
+        p.unlink()
+    with pytest.raises(FewShotDataError, match=r"shots=4.*'green'.*only 3"):
+        resolve_fewshot(f"imagefolder:{folder}", 4, 1, str(tmp_path / "data"))
+    d = resolve_fewshot(f"imagefolder:{folder}", 4, 1, str(tmp_path / "data"), allow_fewer=True)
+    assert len(d.manifest["train"]["green"]) == 3
+
+
+def test_classnames_file_formats_and_count_mismatch(folder, tmp_path):
+    keys = ["blue", "green", "red", "yellow"]
+    plain = tmp_path / "names.txt"
+    plain.write_text("navy blue\ngrass green\nfire red\nlemon yellow\n")
+    assert read_classnames(plain, keys)[0] == "navy blue"
+    coop = tmp_path / "coop_names.txt"  # CoOp/ImageNet format: "<folder> <name>", any order
+    coop.write_text("red fire red\nblue navy blue\nyellow lemon\ngreen grass\n")
+    assert read_classnames(coop, keys) == ["navy blue", "grass", "fire red", "lemon"]
+    wnid = tmp_path / "wnid.txt"
+    wnid.write_text("n01440764 tench\nn01443537 goldfish\nn01484850 great white shark\nn01491361 tiger shark\n")
+    assert read_classnames(wnid, keys)[2] == "great white shark"
+    bad = tmp_path / "three.txt"
+    bad.write_text("a\nb\nc\n")
+    with pytest.raises(FewShotDataError, match=r"three.txt has 3 names but the dataset has 4 classes"):
+        resolve_fewshot(f"imagefolder:{folder}", 1, 1, str(tmp_path / "data"), classnames_file=str(bad))
+
+
+def test_manifest_that_does_not_match_dataset_fails(folder, tmp_path):
+    d = resolve_fewshot(f"imagefolder:{folder}", 2, 1, str(tmp_path / "data"))
+    path = next((tmp_path / "data").rglob("shot_2-seed_1.json"))
+    man = json.loads(path.read_text())
+    man["train"]["red"][0] = "train/red/999.png"
+    path.write_text(json.dumps(man))
+    with pytest.raises(FewShotDataError, match=r"shot_2-seed_1.json does not match.*999.png"):
+        resolve_fewshot(f"imagefolder:{folder}", 2, 1, str(tmp_path / "data"))
+    man = d.manifest | {"source": d.manifest["source"] | {"class_keys": ["a", "b"]}}
+    path.write_text(json.dumps(man))
+    with pytest.raises(FewShotDataError, match=r"does not match the dataset: 2 classes"):
+        resolve_fewshot(f"imagefolder:{folder}", 2, 1, str(tmp_path / "data"))
+
+
+def test_unknown_dataset_offline_fails_clearly(tmp_path):
+    with pytest.raises(FewShotDataError, match=r"no-such-org/no-such-dataset.*HF_DATASETS_OFFLINE"):
+        resolve_fewshot("no-such-org/no-such-dataset", 1, 1, str(tmp_path / "data"), cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(FewShotDataError, match="not found"):
+        resolve_fewshot("/no/such/folder", 1, 1, str(tmp_path / "data"))
+
+
+def test_corrupt_images_counted_reported_and_threshold(folder, tmp_path):
+    bad = folder / "test" / "red" / "001.png"
+    bad.write_bytes(b"not an image")
+    dm = _dm(folder, tmp_path, max_bad_fraction=0.1)
+    dm.setup("test")
+    assert len(dm.test_set) == 11 and [b["path"] for b in dm.bad_images["test"]] == [str(bad)]
+    (folder / "test" / "red" / "002.png").write_bytes(b"\x89PNG truncated")
+    dm = _dm(folder, tmp_path, max_bad_fraction=0.1)
+    with pytest.raises(FewShotDataError, match=r"2 of 12 images.*unreadable.*002.png"):
+        dm.setup("test")

@@ -1,0 +1,101 @@
+"""The synthetic world: determinism, distinct classes, dataset items, captions, fixed evaluation splits."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.synthetic_world import (COLOURS, SHAPES, SyntheticWorldDataModule, WorldDataset, caption_for,
+                                         render_object, shape_mask, typographic_split, word_split,
+                                         world_vocabulary)
+
+
+def test_shapes_and_colours_are_single_clip_tokens():
+    import open_clip
+
+    enc = open_clip.get_tokenizer("ViT-B-32").encoder
+    assert len(SHAPES) >= 20 and len(set(SHAPES)) == len(SHAPES)
+    assert len(COLOURS) >= 6
+    for w in list(SHAPES) + list(COLOURS):
+        assert w.isalpha() and w.islower() and w + "</w>" in enc, w
+
+
+def test_render_object_is_deterministic_and_word_keeps_the_object():
+    a, box_a = render_object("star", "red", random.Random(3))
+    b, box_b = render_object("star", "red", random.Random(3))
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and box_a == box_b
+    assert a.size == (64, 64) and a.mode == "RGB"
+    c, box_c = render_object("star", "red", random.Random(3), word="circle")
+    assert box_c == box_a
+    diff = np.abs(np.asarray(c, dtype=int) - np.asarray(a, dtype=int)).sum(-1) > 30
+    assert diff.sum() > 20                          # the word is visible
+    ys, xs = np.nonzero(diff)
+    assert box_a[1] <= ys.mean() <= box_a[3]        # ... and drawn over the object's rows
+    d, _ = render_object("star", "red", random.Random(4))
+    assert not np.array_equal(np.asarray(a), np.asarray(d))
+
+
+def test_classes_are_drawn_distinctly():
+    box = (4, 4, 56, 56)
+    masks = {s: np.asarray(shape_mask(s, box, 64)) > 0 for s in SHAPES}
+    for s, m in masks.items():
+        assert 150 < m.sum() < 64 * 64, s
+    for i, s in enumerate(SHAPES):
+        for t in SHAPES[i + 1:]:
+            iou = (masks[s] & masks[t]).sum() / (masks[s] | masks[t]).sum()
+            assert iou < 0.85, (s, t, iou)
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="Unknown shape"):
+        render_object("blob", "red", random.Random(0))
+    with pytest.raises(ValueError, match="Unknown colour"):
+        render_object("star", "teal", random.Random(0))
+    with pytest.raises(ValueError, match="word_share"):
+        WorldDataset(word_share=0.8, object_word_share=0.5)
+    with pytest.raises(ValueError, match="caption kind"):
+        caption_for("scene", random.Random(0))
+
+
+def test_dataset_items_and_captions():
+    ds = WorldDataset(seed=0, length=300, image_size=32)
+    assert len(ds) == 300
+    kinds = {"object": 0, "word": 0, "object_word": 0}
+    for i in range(300):
+        it = ds[i]
+        assert it["image"].shape == (3, 32, 32) and it["image"].dtype == torch.float32
+        kinds[it["kind"]] += 1
+        cap = it["caption"]
+        if it["kind"] == "object":
+            assert f"{it['colour']} {it['shape']}" in cap and it["label"] == SHAPES.index(it["shape"])
+        elif it["kind"] == "word":
+            assert it["word"] in cap and it["label"] == -1 and it["shape"] == ""
+        else:
+            assert it["word"] in cap and it["shape"] in cap and it["word"] != it["shape"]
+    assert all(40 < n < 200 for n in kinds.values()), kinds
+    again = WorldDataset(seed=0, length=300, image_size=32)
+    assert torch.equal(again[17]["image"], ds[17]["image"]) and again[17]["caption"] == ds[17]["caption"]
+    other = WorldDataset(seed=1, length=300, image_size=32)
+    assert not torch.equal(other[17]["image"], ds[17]["image"])
+    with pytest.raises(IndexError):
+        ds[300]
+
+
+def test_typographic_split_is_fixed_and_wrong_words():
+    s1, s2 = typographic_split(40, seed=5), typographic_split(40, seed=5)
+    assert s1.labels == s2.labels and s1.attack_words == s2.attack_words
+    assert np.array_equal(np.asarray(s1.attacked[3]), np.asarray(s2.attacked[3]))
+    assert sorted(set(s1.labels)) == list(range(len(SHAPES)))
+    assert all(SHAPES[l] != w and w in SHAPES for l, w in zip(s1.labels, s1.attack_words))
+    assert not np.array_equal(np.asarray(s1.clean[0]), np.asarray(s1.attacked[0]))
+    imgs, words = word_split(20, seed=1)
+    assert len(set(words)) == 20 and all(w in world_vocabulary() for w in words)
+    _, nonsense = word_split(20, seed=1, nonsense=True)
+    assert all(3 <= len(w) <= 5 for w in nonsense)
+
+
+def test_datamodule_batches():
+    dm = SyntheticWorldDataModule(seed=0, train_length=64, val_size=8, batch_size=8, image_size=32)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 3, 32, 32) and len(batch["caption"]) == 8
+    assert batch["label"].shape == (8,)
