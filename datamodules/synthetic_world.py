@@ -205,6 +205,22 @@ def _word_style(rng: random.Random, colour_rgb: tuple[int, int, int], size: int)
     return TextStyle(font=font, size=size, fill=fill, position="center", white_box=white_box, box_pad=1)
 
 
+def _draw_word_fitting(image: Image.Image, word: str, style: TextStyle, rng: random.Random) -> Image.Image:
+    """draw_word; a word too long for a small canvas is drawn at 2x (or 4x) resolution and downsampled."""
+    for scale in (1, 2, 4):
+        try:
+            if scale == 1:
+                return draw_word(image, word, style, rng)[0]
+            big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+            big_style = TextStyle(font=style.font, size=style.size * scale, fill=style.fill,
+                                  position=style.position, white_box=style.white_box, box_pad=style.box_pad * scale)
+            return draw_word(big, word, big_style, rng)[0].resize(image.size, Image.BILINEAR)
+        except ValueError:
+            if scale == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def render_object(shape: str, colour: str, rng: random.Random, image_size: int = 64,
                   word: str | None = None) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """One ``colour`` ``shape`` at a random size/position on a textured background -> (RGB image, bbox x0,y0,x1,y1).
@@ -233,21 +249,19 @@ def render_object(shape: str, colour: str, rng: random.Random, image_size: int =
         if cy1 - cy0 < image_size // 3:
             cy0, cy1 = 0, image_size
         crop = image.crop((0, cy0, image_size, cy1))
-        try:
-            crop, _ = draw_word(crop, word, style, text_rng)
-        except ValueError:  # a very long word: fall back to the whole canvas
-            crop, cy0 = draw_word(image, word, style, text_rng)[0], 0
+        crop = _draw_word_fitting(crop, word, style, text_rng)
         image.paste(crop, (0, cy0))
     return image, bbox
 
 
 def render_word(word: str, rng: random.Random, image_size: int = 64) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """A word image: ``word`` in a random font / dark colour / position on a textured background."""
+    """A word image: ``word`` in a random font / dark colour / position on a textured background.
+    Returns (image, canvas box)."""
     image = render_background(rng, image_size)
     fill = (rng.randint(0, 90), rng.randint(0, 90), rng.randint(0, 90))
     style = TextStyle(font=rng.choice(_fonts()), size=rng.randint(int(image_size * 0.28), int(image_size * 0.45)),
                       fill=fill, position="random", white_box=rng.random() < 0.15, box_pad=2)
-    return draw_word(image, word, style, rng)
+    return _draw_word_fitting(image, word, style, rng), (0, 0, image_size, image_size)
 
 
 @lru_cache(maxsize=4)

@@ -241,3 +241,25 @@ def load_projection(path: str | Path, expected_backbone: dict | None = None) -> 
     if d is not None and W.shape[1] != d and W.shape[0] == d:
         W = W.t()
     return W.detach().float().contiguous()
+
+
+def fit_on_features(module: SpellingProjection, train_features: dict, val_features: dict | None = None,
+                    max_epochs: int = 10, batch_size: int = 128, logger: Any = False,
+                    default_root_dir: str | None = None, enable_checkpointing: bool = False,
+                    progress: bool = False):
+    """Train ``module`` with a pl.Trainer on in-memory cached features (tests, demo, benchmark).
+
+    Returns the Trainer (``trainer.callback_metrics`` holds the last validation metrics).
+    """
+    import pytorch_lightning as pl
+
+    from datamodules.feature_cache import CachedFeatureDataModule
+
+    dm = CachedFeatureDataModule(train_features, val_features, batch_size)
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger,
+                         enable_checkpointing=enable_checkpointing, enable_progress_bar=progress,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1.0 if val_features is not None else 0, log_every_n_steps=1,
+                         default_root_dir=default_root_dir)
+    trainer.fit(module, dm)
+    return trainer

@@ -48,7 +48,7 @@ def test_mapper_training_lowers_loss_and_checkpoint_is_slim(tmp_path):
     from lightning_modules.styleclip_mapper import StyleCLIPMapperModule
 
     torch.manual_seed(0)
-    module = StyleCLIPMapperModule(**TINY_MODULE, optimizer="adam", lr=0.05)
+    module = StyleCLIPMapperModule(**TINY_MODULE, optimizer="adam", lr=2.0)  # lr_mul 0.01 inside
     w_eval = module.to_w_plus(torch.randn(4, 64, generator=torch.Generator().manual_seed(7)))  # z -> W+
     assert w_eval.shape == (4, 10, 64)
     with torch.no_grad():

@@ -73,7 +73,7 @@ def test_yaml_ckpt_mismatch_and_bad_config_errors(tmp_path):
         load_vqgan(other, ckpt_path)
     deeper = tmp_path / "deeper.yaml"
     deeper.write_text(taming_yaml({**TINY_DDCONFIG, "ch_mult": [1, 1, 1]}, 32, 8))
-    with pytest.raises(VQGANConfigError, match="missing keys.*encoder.down.2"):
+    with pytest.raises(VQGANConfigError, match=r"deeper.yaml: missing keys \[decoder.up.2"):
         load_vqgan(deeper, ckpt_path)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  params:\n    embed_dim: 8\n")
