@@ -204,7 +204,7 @@ class SpellingFeatureDataModule(CachedFeatureDataModule):
     """Quintuples -> cached frozen-CLIP features -> batches of features for SpellingProjection.
 
     The backbone is the LightningModule's own (``trainer.lightning_module.backbone``) when attached to a
-    Trainer, so the features always match the model; standalone use builds ``backbone``/``pretrained``.
+    Trainer, so the features always match the model; standalone use builds ``encoder``/``encoder_pretrained``.
 
     Args:
         source / val_source: "synthetic-world", "hf:NAME" or an image folder (val_source None -> source).
@@ -230,23 +230,24 @@ class SpellingFeatureDataModule(CachedFeatureDataModule):
                  random_font: bool = False, font_size_jitter: float = 0.0, native_text: bool = True,
                  class_templates: list[str] | None = None, cache_dir: str | None = "cache/spelling",
                  batch_size: int = 128, encode_batch_size: int = 64, num_workers: int = 0,
-                 backbone: str | None = None, pretrained: str | None = None, progress: bool = True):
+                 encoder: str | None = None, encoder_pretrained: str | None = None, progress: bool = True):
         super().__init__(batch_size=batch_size)
         self.save_hyperparameters()
         if position not in ("center", "random"):
             raise ValueError(f"position must be 'center' or 'random', got {position!r}.")
 
     def _backbone(self):
-        trainer = self._trainer
-        module = trainer.lightning_module if trainer is not None else None
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
         if module is not None and hasattr(module, "backbone"):
             return module.backbone
-        if self.hparams.backbone is None:
-            raise ValueError("SpellingFeatureDataModule used without a Trainer needs `backbone` (and `pretrained`).")
+        if self.hparams.encoder is None:
+            raise ValueError("SpellingFeatureDataModule used without a Trainer needs `encoder` (a backbone name) "
+                             "and `encoder_pretrained`.")
         from models.clip_backbone import build_clip
 
         self._own_backbone = getattr(self, "_own_backbone", None) or build_clip(
-            self.hparams.backbone, self.hparams.pretrained).freeze()
+            self.hparams.encoder, self.hparams.encoder_pretrained).freeze()
         return self._own_backbone
 
     def build_dataset(self, split: str, canvas_size: int) -> QuintupleDataset:

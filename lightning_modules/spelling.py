@@ -119,6 +119,8 @@ class SpellingProjection(FrozenBackboneModule):
         scale: logit scale of the InfoNCE losses (code: 1, i.e. temperature 1).
         lr, lr_step, lr_gamma: Adam lr and StepLR stepped every iteration (code: 1e-4, 4000, 0.5).
         normalize_class_matrix: re-normalise projected class prompts in validation (the code does not).
+        class_aware_negatives: in L2/L6 (pairs with the class-level y_i), do not use same-class samples as
+            negatives (False = the released code; True matters with few classes, e.g. the world's 20).
     """
 
     def __init__(self, backbone: str = "tiny-vit-world", pretrained: str | None = "synthetic-world",
@@ -126,7 +128,8 @@ class SpellingProjection(FrozenBackboneModule):
                  l1: float | None = None, l2: float | None = None, l3: float | None = None,
                  l4: float | None = None, l5: float | None = None, l6: float | None = None,
                  reg: float = 0.0, scale: float = 1.0, lr: float = 1e-4, lr_step: int = 4000,
-                 lr_gamma: float = 0.5, normalize_class_matrix: bool = True):
+                 lr_gamma: float = 0.5, normalize_class_matrix: bool = True,
+                 class_aware_negatives: bool = False):
         super().__init__(backbone, pretrained)
         self.save_hyperparameters()
         self.loss_weights = resolve_weights(preset, {"L1": l1, "L2": l2, "L3": l3, "L4": l4, "L5": l5, "L6": l6})
@@ -162,9 +165,13 @@ class SpellingProjection(FrozenBackboneModule):
                            f"(use datamodules.feature_cache.SpellingFeatureDataModule).")
         return {e: self.project(batch[e]) for e in ELEMENTS}
 
+    def _class_ids(self, batch) -> torch.Tensor | None:
+        return batch.get("class_id") if self.hparams.class_aware_negatives else None
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         z = self._project_batch(batch)
-        total, parts = spelling_objective(z, self.loss_weights, self.W, self.hparams.reg, self.hparams.scale)
+        total, parts = spelling_objective(z, self.loss_weights, self.W, self.hparams.reg, self.hparams.scale,
+                                          self._class_ids(batch))
         n = len(batch["x_i"])
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "reg"}, batch_size=n)
@@ -196,7 +203,8 @@ class SpellingProjection(FrozenBackboneModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         z = self._project_batch(batch)
-        total, _ = spelling_objective(z, self.loss_weights, self.W, self.hparams.reg, self.hparams.scale)
+        total, _ = spelling_objective(z, self.loss_weights, self.W, self.hparams.reg, self.hparams.scale,
+                                      self._class_ids(batch))
         self.log("val/loss", total, batch_size=len(batch["x_i"]))
         self.val_metrics.update(z, *self._val_cls, batch["class_id"], batch["real"])
 

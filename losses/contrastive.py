@@ -39,12 +39,20 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
-def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """a, b: [N, D] (normalised) -> scalar. 0.5 * (CE(s a b^T, arange N) + CE(s b a^T, arange N))."""
+def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+                      ignore: torch.Tensor | None = None) -> torch.Tensor:
+    """a, b: [N, D] (normalised) -> scalar. 0.5 * (CE(s a b^T, arange N) + CE(s b a^T, arange N)).
+
+    ``ignore``: optional bool [N, N]; True off the diagonal removes that pair from the negatives (e.g. two
+    samples of the same class whose y_i rows are identical). The released code ignores nothing.
+    """
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"symmetric_infonce expects two [N, D] tensors of equal shape, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
     logits = scale * a @ b.t()                                    # [N, N]
+    if ignore is not None:
+        off = ignore & ~torch.eye(len(a), dtype=torch.bool, device=a.device)
+        logits = logits.masked_fill(off, float("-inf"))
     target = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
@@ -77,18 +85,24 @@ def resolve_weights(preset: str | None = None, overrides: Mapping[str, float | N
 
 
 def spelling_objective(feats: Mapping[str, torch.Tensor], weights: Mapping[str, float], W: torch.Tensor,
-                       gamma: float = 0.0, scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       gamma: float = 0.0, scale: float = 1.0, class_id: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """total = sum_j w_j L_j + gamma ||I - W W^T||_F. ``feats``: projected, normalised [N, k] per element.
+
+    ``class_id`` [N] (optional): in losses with y_i, same-class samples are not each other's negatives (their
+    y_i rows are identical); None reproduces the released code (false negatives kept, disentangle.md 3.2).
 
     Returns (total, parts) where parts holds every weighted-in L_j (unweighted) and "reg" (unscaled).
     """
     parts: dict[str, torch.Tensor] = {}
     total = W.new_zeros(())
+    same_class = None if class_id is None else class_id.view(-1, 1) == class_id.view(1, -1)   # [N, N]
     for name, w in weights.items():
         if w == 0.0:
             continue
         a, b = PAIRS[name]
-        parts[name] = symmetric_infonce(feats[a], feats[b], scale)
+        ignore = same_class if "y_i" in (a, b) else None
+        parts[name] = symmetric_infonce(feats[a], feats[b], scale, ignore)
         total = total + w * parts[name]
     parts["reg"] = orthogonality_penalty(W)
     if gamma:

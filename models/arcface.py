@@ -99,10 +99,9 @@ def load_arcface(path: str | Path, device: str | torch.device = "cpu") -> IRSE50
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     for key in [k for k in state if k.endswith(".running_var")]:  # files from PyTorch < 0.4.1 lack this buffer
         state.setdefault(key[: -len("running_var")] + "num_batches_tracked", torch.zeros((), dtype=torch.long))
-    with torch.device("meta"):  # no random init of 43M parameters: the file provides every tensor
-        net = IRSE50()
+    net = IRSE50()
     try:
-        net.load_state_dict(state, strict=True, assign=True)
+        net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise RuntimeError(f"{path} is not an IR-SE50 (model_ir_se50.pth) state dict: {str(e)[:600]}") from e
     return freeze(net).to(device)

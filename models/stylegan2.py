@@ -479,9 +479,8 @@ def load_generator(path: str | Path, size: int | None = None, key: str = "g_ema"
         raise GeneratorCheckpointError(
             f"{path} holds a {cfg['size']} px generator (W+ of {2 * int(math.log2(cfg['size'])) - 2} rows), but "
             f"size={size} was requested. Use --generator-size {cfg['size']} or a {size} px checkpoint.")
-    with torch.device("meta"):  # skip random init; every tensor comes from the file
-        gen = Generator(**cfg)
-    load_generator_state(gen, state, str(path), assign=True)
+    gen = Generator(**cfg)
+    load_generator_state(gen, state, str(path))
     gen.latent_avg = latent_avg.reshape(1, -1).float() if isinstance(latent_avg, torch.Tensor) else None
     return gen.to(device).eval()
 

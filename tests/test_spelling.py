@@ -101,3 +101,94 @@ def test_zero_shot_top1():
     m = ZeroShotTop1()
     m.update(feats, cls, torch.tensor([0, 2, 1, 1]))
     assert m.compute().item() == pytest.approx(75.0)
+
+
+# ---- the module -----------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """Tiny matmul loops run ~10x faster on a busy 2-core machine with one intra-op thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _module(**kw):
+    from lightning_modules.spelling import SpellingProjection
+
+    return SpellingProjection("tiny-vit-test", None, **kw)
+
+
+def test_module_w_shape_orthogonal_init_and_defaults():
+    m = _module(preset="learn_to_spell")
+    assert m.projection_matrix().shape == (64, 64)          # k default 64 for learn-to-spell, d = 64
+    assert orthogonality_penalty(m.W.detach()).item() < 1e-4
+    m2 = _module(preset="forget_to_spell", k=16)
+    assert m2.W.shape == (16, 64)
+    assert m2.loss_weights == {"L1": 1.0, "L2": 1.0, "L3": 0.0, "L4": 0.0, "L5": 0.0, "L6": 1.0}
+    with pytest.raises(ValueError, match="give k"):
+        _module(preset=None, l1=1.0)
+
+
+def test_apply_projection_normalises_and_is_shape_aware():
+    from lightning_modules.spelling import apply_projection
+
+    W = torch.randn(8, 32)
+    x = torch.randn(5, 32) * 3
+    z = apply_projection(x, W)
+    assert z.shape == (5, 8) and torch.allclose(z.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(apply_projection(x, W.t()), z, atol=1e-6)      # README's [d, k] layout
+    assert torch.allclose(apply_projection(x, None), F.normalize(x, dim=-1))
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_projection(x, torch.randn(8, 31))
+
+
+def test_checkpoint_keeps_only_w_and_load_projection(tmp_path, one_thread):
+    from lightning_modules.base import load_method_checkpoint
+    from lightning_modules.spelling import SpellingProjection, fit_on_features, load_projection
+    from tests._spelling_fixtures import synthetic_features
+
+    m = _module(preset="forget_to_spell", k=16, lr=1e-2)
+    trainer = fit_on_features(m, synthetic_features(64, 20, 0), None, max_epochs=1, batch_size=32)
+    path = tmp_path / "w.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw["state_dict"]) == {"W"}
+    assert raw["backbone"] == {"name": "tiny-vit-test", "pretrained": None}
+    assert raw["projection"]["k"] == 16 and raw["projection"]["d"] == 64
+    W = load_projection(path, expected_backbone={"name": "tiny-vit-test", "pretrained": None})
+    assert torch.equal(W, m.W.detach())
+    with pytest.raises(ValueError, match="trained on backbone"):
+        load_projection(path, expected_backbone={"name": "tiny-vit-world", "pretrained": "synthetic-world"})
+    again = load_method_checkpoint(path, expected=SpellingProjection)
+    assert torch.equal(again.projection_matrix(), m.W.detach())
+    # the released code's format: a raw {'W': [k, d]} file
+    torch.save({"W": torch.ones(4, 64)}, tmp_path / "raw.pth")
+    assert load_projection(tmp_path / "raw.pth").shape == (4, 64)
+    torch.save({"nothing": 1}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="'W'"):
+        load_projection(tmp_path / "bad.pth")
+
+
+def test_direction_on_structured_features(one_thread):
+    """Forget-to-spell removes word information and keeps the class; learn-to-spell does the opposite."""
+    import pytorch_lightning as pl
+
+    from lightning_modules.spelling import evaluate_features, fit_on_features
+    from tests._spelling_fixtures import synthetic_features
+
+    train = synthetic_features(1024, 300, seed=0)
+    val = synthetic_features(512, 400, seed=1, word_offset=1)        # unseen words
+    base = evaluate_features(val, None)
+    word, clean = "im_it_txt_t/real/img2txt", "acc_im_i_txt_i"
+    pl.seed_everything(0)
+    forget = _module(preset="forget_to_spell", k=16, lr=1e-2)
+    trainer = fit_on_features(forget, train, val, max_epochs=8)
+    f = evaluate_features(val, forget.projection_matrix().detach())
+    assert f[word] < base[word] - 20 and f[clean] >= base[clean] - 1
+    assert trainer.callback_metrics[f"val/{word}"].item() == pytest.approx(f[word], abs=1e-3)  # same suite
+    pl.seed_everything(0)
+    learn = _module(preset="learn_to_spell", k=32, lr=1e-2)
+    fit_on_features(learn, train, None, max_epochs=8)
+    s = evaluate_features(val, learn.projection_matrix().detach())
+    assert s[word] > base[word] + 5 and s[clean] < base[clean] - 30

@@ -163,8 +163,7 @@ def test_generator_api_truncation_noise_stylespace():
 
 
 def test_stylespace_dimensions_at_1024():
-    with torch.device("meta"):
-        gen = Generator(1024)
+    gen = Generator(1024)  # ~0.3 s to build on CPU
     assert gen.s_dims == [512] * 15 + [256] * 3 + [128] * 3 + [64] * 3 + [32] * 2 and sum(gen.s_dims) == 9088
     assert gen.torgb_s_indices == list(range(1, 26, 3)) and gen.n_latent == 18 and gen.num_layers == 17
     from generation.global_directions import relevance_layers
@@ -284,7 +283,7 @@ def test_word_relevance_loss_weights_gradients_and_all_marked_guard(tiny_setup, 
     assert wl.weights.nonzero().flatten().tolist() == [4, 5] and wl.n_marked == 2 and not wl.constant
     w = w0.clone().requires_grad_(True)
     e = wl(gen([w], input_is_latent=True, randomize_noise=False)[0])
-    assert e.shape == (1,) and 0 < float(e) < 1
+    assert e.shape == (1,) and 0 < float(e.detach()) < 1
     (g,) = torch.autograd.grad(e.sum(), w)  # second-order path through the relevance reaches the latent
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     with caplog.at_level(logging.WARNING):

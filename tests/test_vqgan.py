@@ -252,3 +252,30 @@ def test_cli_smoke(tmp_path, capsys):
     with pytest.raises(ValueError, match="not inside"):
         gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--prompt", "0,0,64,64=a dog", "--width", "32",
                       "--height", "32", "--out", str(tmp_path / "bad")])
+
+
+def test_generation_with_spelling_projection(tiny_backbone):
+    w = torch.linalg.qr(torch.randn(64, 64))[0][:16]  # [k=16, D=64] orthonormal rows, like a learned W
+    cfg = VQGANCLIPConfig(width=32, height=32, steps=2, cutn=2, method="plain", seed=0)
+    with_w = generate(tiny_vqgan(), tiny_backbone, [RegionPrompt("hello")], cfg, progress=False, projection=w)
+    without = generate(tiny_vqgan(), tiny_backbone, [RegionPrompt("hello")], cfg, progress=False)
+    assert with_w.losses[0]["clip"] != pytest.approx(without.losses[0]["clip"])
+
+
+@pytest.mark.skipif(__import__("shutil").which("tesseract") is None, reason="tesseract binary not installed")
+def test_spatial_generation_text_in_image_with_and_without_w(tiny_backbone, tmp_path):
+    from evaluation import spatial_generation
+    from evaluation.common import EvalModel
+
+    parser = argparse.ArgumentParser()
+    spatial_generation.add_arguments(parser)
+    args = parser.parse_args(["--spatial-generation-methods", "plain", "--spatial-generation-limit", "1",
+                              "--spatial-generation-size", "64", "--spatial-generation-steps", "1",
+                              "--spatial-generation-cutn", "1", "--spatial-generation-out", str(tmp_path),
+                              "--spatial-generation-text-prompts", "a sign that says hello"])
+    args.seed, args.device = 0, "cpu"
+    w = torch.linalg.qr(torch.randn(64, 64))[0][:16]
+    res = spatial_generation.run(EvalModel(tiny_backbone, projection=w), args)
+    tii = res["text_in_image"]
+    assert tii["groups"] == ["no_W", "W"] and tii["no_W/n"] == 1 and tii["W/n"] == 1
+    assert 0 <= tii["all/rate@0"] <= 1
