@@ -98,9 +98,10 @@ def class_feature_matrices(backbone, dataset: QuintupleDataset) -> dict[str, tor
     emb = encode_texts(backbone, flat)                                       # [sum P, d]
     sizes = [len(ps) for ps in prompts]
     class_text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in emb.split(sizes)])   # [C, d]
-    style = TextStyle(font=dataset.fonts[0], size=dataset.font_size, fill=tuple(dataset.style.colour))
-    imgs = [draw_word(None, c.replace("_", " "), style, random.Random(0), dataset.canvas_size)[0]
-            for c in dataset.classnames]
+    canvas = max(dataset.canvas_size, 224)      # long class names fit; preprocess resizes to the model's input
+    size = round(dataset.font_size * canvas / dataset.canvas_size)
+    style = TextStyle(font=dataset.fonts[0], size=size, fill=tuple(dataset.style.colour))
+    imgs = [draw_word(None, c.replace("_", " "), style, random.Random(0), canvas)[0] for c in dataset.classnames]
     return {"class_text": class_text, "class_word_image": encode_pils(backbone, imgs)}
 
 

@@ -41,7 +41,8 @@ def test_folder_quintuples_deterministic_aligned(folder):
 
 def test_word_sets_disjoint_and_nonsense_lengths():
     cfg = WordConfig(nonsense_min_len=3, nonsense_max_len=5)
-    drawn = {s: {WordSampler(s, cfg).sample(random.Random(i)) for i in range(150)} for s in ("train", "val")}
+    samplers = {s: WordSampler(s, cfg) for s in ("train", "val")}
+    drawn = {s: {samplers[s].sample(random.Random(i)) for i in range(150)} for s in samplers}
     train_words = {w for w, _ in drawn["train"]}
     assert not train_words & {w for w, _ in drawn["val"]}
     assert all(word_split(w) == "val" for w, _ in drawn["val"])
@@ -77,14 +78,17 @@ def test_empty_word_list(tmp_path):
 
 def test_long_word_shrinks_font(folder, tmp_path):
     words = tmp_path / "long.txt"
-    words.write_text("internationalization\n" * 3 + "counterrevolutionaries\n")
+    words.write_text("internationalization\n")
     cfg = WordConfig(real_fraction=1.0, word_list=str(words), real_min_len=3, real_max_len=30,
                      split_fractions=(1.0, 0.0, 0.0))
-    ds = QuintupleDataset(ImageFolderSource(folder), n=2, canvas_size=64, words=cfg,
+    ds = QuintupleDataset(ImageFolderSource(folder), n=2, canvas_size=128, words=cfg,
                           style=StyleConfig(font_size=40, native_text=False))
-    q = ds[0]
-    box = ImageChops.invert(q["x_t"].convert("L")).getbbox()
-    assert box[0] >= 0 and box[2] <= 64          # drawn smaller than 40 px so that it fits the canvas
+    box = ImageChops.invert(ds[0]["x_t"].convert("L")).getbbox()
+    assert box[0] >= 0 and box[2] <= 128 and box[3] - box[1] < 40   # shrunk below 40 px to fit the canvas
+    tiny = QuintupleDataset(ImageFolderSource(folder), n=2, canvas_size=32, words=cfg,
+                            style=StyleConfig(native_text=False))
+    with pytest.raises(ValueError, match="internationalization.*does not fit"):
+        tiny[0]                                  # a word that never fits (even at 6 px) fails clearly
 
 
 def test_too_few_images(folder):
