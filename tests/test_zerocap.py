@@ -46,10 +46,7 @@ def tiny_lm():
 
 @pytest.fixture(scope="module")
 def world_clip():
-    if SHIPPED_WEIGHTS[("tiny-vit-world", "synthetic-world")].is_file():
-        return build_clip("tiny-vit-world", "synthetic-world")
-    torch.manual_seed(0)
-    return build_clip("tiny-vit-world")
+    return build_clip("tiny-vit-world", "synthetic-world")
 
 
 def _images(clip, n, seed=3):
@@ -111,10 +108,16 @@ def test_arithmetic_target(tiny_backbone):
 
 
 def test_guidance_raises_clip_similarity(tiny_lm, world_clip):
-    """Same LM, seed and length: CLIP-guided captions match their images better than unguided beam search."""
+    """Same LM, seed and length: CLIP-guided captions match their images better than unguided beam search.
+
+    The step size is 1.0 rather than the anchor's 0.3: the 2-layer LM's keys/values have another scale than
+    gpt2-medium's (at 0.3 the shift hardly moves this LM; at 3.0 fluency breaks down).
+    """
+    if not SHIPPED_WEIGHTS[("tiny-vit-world", "synthetic-world")].is_file():
+        pytest.skip("needs the shipped tiny CLIP (checkpoints/tiny_clip_world.pt)")
     lm, tok = tiny_lm
-    images = _images(world_clip, 4)
-    kw = dict(beam_size=3, target_seq_length=4, top_size=64)
+    images = _images(world_clip, 6)
+    kw = dict(beam_size=3, target_seq_length=4, top_size=64, stepsize=1.0)
     guided = ZeroCap(world_clip, lm, tok, ZeroCapConfig(**kw))
     plain = ZeroCap(world_clip, lm, tok, ZeroCapConfig(num_iterations=0, **kw))
     s_guided, s_plain = [], []
@@ -124,9 +127,11 @@ def test_guidance_raises_clip_similarity(tiny_lm, world_clip):
         s_guided.append(guided.caption(target)[0].text)
         torch.manual_seed(0)
         s_plain.append(plain.caption(target)[0].text)
-    cs_g = clip_s(world_clip, images, [f"Image of a{t}" for t in s_guided]).mean()
-    cs_p = clip_s(world_clip, images, [f"Image of a{t}" for t in s_plain]).mean()
-    assert cs_g > cs_p + 0.02, (s_guided, s_plain, float(cs_g), float(cs_p))
+    with torch.no_grad():
+        fi = world_clip.encode_image(images)
+        cos_g = (fi * world_clip.encode_text(world_clip.tokenize([f"Image of a{t}" for t in s_guided]))).sum(-1)
+        cos_p = (fi * world_clip.encode_text(world_clip.tokenize([f"Image of a{t}" for t in s_plain]))).sum(-1)
+    assert cos_g.mean() > cos_p.mean() + 0.05, (s_guided, s_plain, cos_g.tolist(), cos_p.tolist())
 
 
 def test_cli_captions_a_folder_with_references(tiny_lm, tmp_path):
