@@ -46,6 +46,8 @@ def tiny_lm():
 
 @pytest.fixture(scope="module")
 def world_clip():
+    if not SHIPPED_WEIGHTS[("tiny-vit-world", "synthetic-world")].is_file():
+        pytest.skip("needs the shipped tiny CLIP (checkpoints/tiny_clip_world.pt)")
     return build_clip("tiny-vit-world", "synthetic-world")
 
 
@@ -113,8 +115,6 @@ def test_guidance_raises_clip_similarity(tiny_lm, world_clip):
     The step size is 1.0 rather than the anchor's 0.3: the 2-layer LM's keys/values have another scale than
     gpt2-medium's (at 0.3 the shift hardly moves this LM; at 3.0 fluency breaks down).
     """
-    if not SHIPPED_WEIGHTS[("tiny-vit-world", "synthetic-world")].is_file():
-        pytest.skip("needs the shipped tiny CLIP (checkpoints/tiny_clip_world.pt)")
     lm, tok = tiny_lm
     images = _images(world_clip, 6)
     kw = dict(beam_size=3, target_seq_length=4, top_size=64, stepsize=1.0)
