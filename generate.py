@@ -2,6 +2,7 @@
 
     python generate.py styleclip-optimize --description "a person with purple hair" --generator-checkpoint G.pt
     python generate.py styleclip-global --neutral "face" --target "smiling face" --generator-checkpoint G.pt
+    python generate.py styleclip-mapper --ckpt mapper.ckpt --latents test_faces.pt --out results/mapper
     python generate.py <subcommand> --help
 
 Each module in SUBCOMMAND_MODULES defines ``add_subcommand(subparsers)``, which adds its parser and sets
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMAND_MODULES: list[str] = [
     "generation.styleclip_optimize",
     "generation.global_directions",
+    "generation.styleclip_mapper",
     "generation.zerocap",
     "generation.vqgan_clip",
 ]
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_subcommand(subparsers)
-    for sub in subparsers.choices.values():
+    for sub in {id(s): s for s in subparsers.choices.values()}.values():  # an alias maps to the same parser
         sub.add_argument("--config", default=None, help="YAML file of option defaults (flags override it)")
     return parser
 

@@ -60,8 +60,13 @@ def _import_class(path: str) -> type:
 
 
 def load_method_checkpoint(path: str | Path, expected: type[T] | None = None,
-                           map_location: str | torch.device = "cpu") -> T:
-    """Rebuild a method from its slim checkpoint; errors name the file and what was expected."""
+                           map_location: str | torch.device = "cpu", overrides: dict[str, Any] | None = None) -> T:
+    """Rebuild a method from its slim checkpoint; errors name the file and what was expected.
+
+    ``overrides`` replaces hyperparameters before the module is built, e.g. a moved generator checkpoint
+    path or ``id_lambda=0`` to skip loading a loss network that inference does not use. Learned tensors
+    are always loaded from the checkpoint.
+    """
     ckpt = safe_torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise RuntimeError(f"{path} is not a Lightning checkpoint of this framework (no 'state_dict').")
@@ -73,6 +78,7 @@ def load_method_checkpoint(path: str | Path, expected: type[T] | None = None,
         raise RuntimeError(f"{path} holds a {cls.__name__} checkpoint, expected {expected.__name__}.")
     # LightningCLI adds bookkeeping keys such as "_class_path"; they are not __init__ arguments.
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    hparams.update(overrides or {})
     module = cls(**hparams)
     _check_learned_keys(module, ckpt["state_dict"], str(path))
     module.load_state_dict(ckpt["state_dict"], strict=False)

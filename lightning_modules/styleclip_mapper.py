@@ -6,11 +6,15 @@ Learned: a LevelsMapper (coarse/medium/fine switchable). Frozen and never checkp
 the StyleGAN2 generator and the ArcFace net; they are rebuilt from the hyperparameters (generator checkpoint
 path, or the seed of a random test generator). Loss = clip_lambda * CLIP(x_hat) + latent_l2_lambda *
 MSE(w_hat, w) + id_lambda * ID(x_hat, x), with w_hat = w + 0.1 * M(w), x = G(w), x_hat = G(w_hat),
-``randomize_noise=False`` (defaults 1.0 / 0.8 / 0.1; Ranger lr 0.5).
+``randomize_noise=False`` (defaults 1.0 / 0.8 / 0.1).
+
+Optimiser (``optimizer``): ``"ranger"`` (default, as StyleCLIP: RAdam + Lookahead k 6 / alpha 0.5 + gradient
+centralisation, betas (0.95, 0.999), eps 1e-5, lr 0.5; ``utils/optim.py``) or ``"adam"``. Ranger's eps 1e-5
+dominates the denominator when gradients are tiny (the random test models), hence ``ranger_eps``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pytorch_lightning.loggers import WandbLogger
@@ -21,39 +25,10 @@ from losses.styleclip import ClipLoss, IDLoss, latent_mse
 from models.arcface import load_arcface
 from models.mapper import RESIDUAL_SCALE, LevelsMapper
 from models.stylegan2 import build_generator
+from utils.optim import Ranger
 
 NOT_CHECKPOINTED = ("generator.", "id_loss.")
-
-
-class Ranger(torch.optim.RAdam):
-    """RAdam + Lookahead (alpha 0.5, k 6) + gradient centralisation, as StyleCLIP's default optimiser."""
-
-    def __init__(self, params, lr: float = 0.5, betas=(0.95, 0.999), eps: float = 1e-5, weight_decay: float = 0.0,
-                 alpha: float = 0.5, k: int = 6):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.alpha, self.k, self._steps = alpha, k, 0
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:  # gradient centralisation on weight matrices
-            for p in group["params"]:
-                if p.grad is not None and p.grad.ndim > 1:
-                    p.grad.sub_(p.grad.mean(dim=tuple(range(1, p.grad.ndim)), keepdim=True))
-        super().step()
-        self._steps += 1
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if "slow" not in state:
-                    state["slow"] = p.detach().clone()
-                if self._steps % self.k == 0:
-                    state["slow"].add_(p - state["slow"], alpha=self.alpha)
-                    p.copy_(state["slow"])
-        return loss
+OPTIMIZERS = ("ranger", "adam")
 
 
 class StyleCLIPMapperModule(FrozenBackboneModule):
@@ -63,11 +38,12 @@ class StyleCLIPMapperModule(FrozenBackboneModule):
                  n_mlp: int = 8, channel_multiplier: int = 2, channel_max: int = 512, generator_seed: int = 0,
                  coarse: bool = True, medium: bool = True, fine: bool = True,
                  clip_lambda: float = 1.0, latent_l2_lambda: float = 0.8, id_lambda: float = 0.1,
-                 arcface_checkpoint: str | None = None, optimizer: str = "ranger", lr: float = 0.5,
+                 arcface_checkpoint: str | None = None, optimizer: Literal["ranger", "adam"] = "ranger",
+                 lr: float = 0.5, ranger_k: int = 6, ranger_alpha: float = 0.5, ranger_eps: float = 1e-5,
                  truncation: float = 0.7, n_mean_latent: int = 4096, image_log_every_n_steps: int = 100,
                  n_log_images: int = 4):
-        if optimizer not in ("ranger", "adam"):
-            raise ValueError(f"optimizer must be 'ranger' or 'adam', got {optimizer!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if id_lambda > 0 and not arcface_checkpoint:
             raise ValueError(f"id_lambda={id_lambda} needs arcface_checkpoint (model_ir_se50.pth); "
                              f"set id_lambda: 0 for edits meant to change identity or when no ArcFace is available")
@@ -158,9 +134,10 @@ class StyleCLIPMapperModule(FrozenBackboneModule):
 
     def configure_optimizers(self):
         params = list(self.mapper.parameters())
-        if self.hparams.optimizer == "ranger":
-            return Ranger(params, lr=self.hparams.lr)
-        return torch.optim.Adam(params, lr=self.hparams.lr)
+        h = self.hparams
+        if h.optimizer == "ranger":  # StyleCLIP's default: betas (0.95, 0.999), eps 1e-5, GC on
+            return Ranger(params, lr=h.lr, eps=h.ranger_eps, k=h.ranger_k, alpha=h.ranger_alpha)
+        return torch.optim.Adam(params, lr=h.lr)
 
 
 def _drop_frozen(module, state_dict: dict[str, Any], prefix: str, local_metadata) -> None:

@@ -1,0 +1,161 @@
+r"""Apply a trained StyleCLIP latent mapper to W+ latents (spec reference/styleclip_vqgan.md §3.2, §3.6).
+
+    python generate.py styleclip-mapper --ckpt runs/mapper_purple_hair/best.ckpt \
+        --latents data/styleclip/test_faces.pt --out results/mapper_purple_hair
+    python generate.py styleclip-mapper --ckpt last.ckpt --n-random 8 --out results/mapper_random
+
+(``styleclip_mapper`` is accepted as an alias.) The checkpoint is the slim one written by ``train.py fit``
+(mapper tensors + hyperparameters); ``load_method_checkpoint`` rebuilds the generator and CLIP from the
+hyperparameters. ``--generator-checkpoint`` overrides a generator path that has moved. The ArcFace net is not
+built (inference does not use the ID loss).
+
+Each latent w is edited as w_hat = w + 0.1 * M(w); both are rendered with ``randomize_noise=False``.
+Writes to ``--out``:
+
+- ``grid.png``: before | after, one row per latent, the first ``--grid-rows`` latents, cells resized to at most
+  ``--grid-cell`` px;
+- ``pairs/NNNNN.png``: before | after at full resolution for every latent (StyleCLIP's ``--couple_outputs``;
+  off with ``--no-pairs``);
+- ``latents_source.pt`` and ``latents_edited.pt``: plain tensors (N, n_latent, style_dim), readable by
+  ``datamodules.latents.load_latents`` (so by the other StyleCLIP subcommands);
+- ``stats.json``: mean CLIP loss (1 - cos with the description) before and after, mean MSE(w_hat, w), and the
+  wall time per batch of mapper + render of the edit (StyleCLIP's stats.txt "Runtime").
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("styleclip-mapper", aliases=["styleclip_mapper"],
+                              help="apply a trained StyleCLIP latent mapper to W+ latents",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="mapper checkpoint written by train.py fit (StyleCLIPMapperModule)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--latents", default=None,
+                     help="W+ latent file (N, n_latent, style_dim), e.g. e4e's test_faces.pt")
+    src.add_argument("--n-random", "--n_random", dest="n_random", type=int, default=None,
+                     help="edit N random faces instead: z ~ N(0, I) through the mapping network, truncated")
+    p.add_argument("--n-images", type=int, default=None, help="edit only the first N latents of --latents")
+    p.add_argument("--truncation", type=float, default=None,
+                   help="psi for --n-random (default: the checkpoint's, 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --n-random z's")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--generator-checkpoint", default=None,
+                   help="override the generator checkpoint path stored in the mapper checkpoint")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", "--output-dir", dest="output_dir", default="results/styleclip_mapper")
+    p.add_argument("--grid-rows", type=int, default=16, help="latents shown in grid.png")
+    p.add_argument("--grid-cell", type=int, default=256, help="max cell size (px) of grid.png")
+    p.add_argument("--no-pairs", action="store_true", help="do not write pairs/NNNNN.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clamp(-1, 1).add(1).div(2).float().cpu()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from torchvision.utils import save_image
+
+    from datamodules.latents import load_latents
+    from generation.global_directions import _bar
+    from lightning_modules.base import load_method_checkpoint
+    from lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+    from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+
+    if args.latents is None and args.n_random is None:
+        raise SystemExit("give --latents FILE or --n-random N")
+    if args.n_random is not None and args.n_random < 1:
+        raise SystemExit(f"--n-random must be >= 1, got {args.n_random}")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    # validate the latent file against the checkpoint's generator before building anything big
+    ckpt = safe_torch_load(args.ckpt, "mapper checkpoint")
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    if not str(ckpt.get("method", "")).endswith(".StyleCLIPMapperModule"):
+        load_method_checkpoint(args.ckpt, expected=StyleCLIPMapperModule)  # raises, naming what the file holds
+    hp = ckpt.get("hyper_parameters", {})
+    size, style_dim = int(hp.get("generator_size", 1024)), int(hp.get("style_dim", 512))
+    del ckpt
+    latents = None
+    if args.latents:
+        latents = load_latents(args.latents, size, style_dim)  # [N, n_latent, D]; errors name the shape
+        if args.n_images is not None:
+            latents = latents[: args.n_images]
+    overrides = {"id_lambda": 0.0, "arcface_checkpoint": None, "image_log_every_n_steps": 0}
+    if args.generator_checkpoint:
+        overrides["generator_checkpoint"] = args.generator_checkpoint
+    module = load_method_checkpoint(args.ckpt, expected=StyleCLIPMapperModule, map_location=args.device,
+                                    overrides=overrides)
+    device = module.mean_latent.device
+    if latents is None:
+        if args.truncation is not None:
+            module.hparams.truncation = args.truncation
+        z = torch.randn(args.n_random, style_dim, generator=torch.Generator().manual_seed(args.seed))
+        with torch.no_grad():
+            latents = module.to_w_plus(z.to(device)).cpu()  # [N, n_latent, D]
+    n = latents.shape[0]
+    out = Path(args.output_dir)
+    (out if args.no_pairs else out / "pairs").mkdir(parents=True, exist_ok=True)
+
+    edited, grid_rows, times = [], [], []
+    clip_before, clip_after, l2 = [], [], []
+    with torch.no_grad(), _bar(not args.no_progress, f"mapper: {module.hparams.description}", n) as (bar, task):
+        for start in range(0, n, args.batch_size):
+            w = latents[start:start + args.batch_size].to(device)
+            x = module.render(w)
+            _sync(device)
+            t0 = time.perf_counter()
+            w_hat = module.edit(w)
+            x_hat = module.render(w_hat)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            edited.append(w_hat.cpu())
+            clip_before += module.clip_loss(x).flatten().tolist()
+            clip_after += module.clip_loss(x_hat).flatten().tolist()
+            l2 += (w_hat - w).pow(2).mean(dim=(1, 2)).tolist()
+            for k in range(w.shape[0]):
+                i = start + k
+                pair = torch.stack([_to_unit(x[k]), _to_unit(x_hat[k])])  # [2, 3, H, W]
+                if not args.no_pairs:
+                    save_image(pair, out / "pairs" / f"{i:05d}.png", nrow=2, padding=0)
+                if i < args.grid_rows:
+                    if pair.shape[-1] > args.grid_cell:
+                        pair = F.interpolate(pair, size=(args.grid_cell, args.grid_cell), mode="area")
+                    grid_rows.append(pair)
+            if bar is not None:
+                bar.update(task, advance=w.shape[0])
+    w_edited = torch.cat(edited)
+    atomic_torch_save(latents.cpu().contiguous(), out / "latents_source.pt")
+    atomic_torch_save(w_edited.contiguous(), out / "latents_edited.pt")
+    save_image(torch.cat(grid_rows), out / "grid.png", nrow=2)
+    stats = {
+        "checkpoint": str(args.ckpt), "description": module.hparams.description, "n": n,
+        "source": str(args.latents) if args.latents else f"random z (seed {args.seed}, "
+                                                         f"truncation {module.hparams.truncation})",
+        "levels": {k: bool(v) for k, v in module.mapper.enabled.items()},
+        "clip_loss_before": statistics.fmean(clip_before), "clip_loss_after": statistics.fmean(clip_after),
+        "latent_mse": statistics.fmean(l2),
+        "seconds_per_batch_mean": statistics.fmean(times),
+        "seconds_per_batch_std": statistics.pstdev(times) if len(times) > 1 else 0.0,
+        "batch_size": args.batch_size, "device": str(device),
+    }
+    atomic_write_json(stats, out / "stats.json")
+    print(f"{n} edits '{stats['description']}': CLIP loss {stats['clip_loss_before']:.4f} -> "
+          f"{stats['clip_loss_after']:.4f}, latent MSE {stats['latent_mse']:.3g}, "
+          f"{stats['seconds_per_batch_mean'] * 1e3:.1f} ms/batch; wrote {out}")
+    return {**stats, "latents_source": latents, "latents_edited": w_edited}
