@@ -23,7 +23,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.text_render import TextStyle, draw_word, load_word_list, nonsense_word, resolve_fonts
 
@@ -46,7 +46,7 @@ OBJECT_TEMPLATES = ("a photo of a {colour} {shape}.", "a {colour} {shape}.", "a 
 WORD_TEMPLATES = ("the word {word}.", "a sign that says {word}.")
 OBJECT_WORD_TEMPLATES = ("a {colour} {shape} with the word {word} on it.",
                          "the word {word} written on a {colour} {shape}.")
-VOCAB_SIZE = 2000   # dictionary words used by the world (a fixed seeded subset of single-token words)
+VOCAB_SIZE = 500   # dictionary words used by the world (a fixed seeded subset of single-token words)
 
 
 def class_prompts(shape: str) -> list[str]:
@@ -458,9 +458,18 @@ class SyntheticWorldDataModule(pl.LightningDataModule):
         self.val_set = WorldDataset(seed + 1_000_003, val_size, image_size, word_share, object_word_share,
                                     nonsense_share, class_word_share)
 
-    def _loader(self, ds: Dataset) -> DataLoader:
+    def _loader(self, ds: Dataset, shard: bool = True) -> DataLoader:
         nw = self.hparams.num_workers
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, num_workers=nw,
+        trainer = getattr(self, "trainer", None)
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            # Our own in-order sharding (rank r takes items r, r+W, ...): Lightning's injected sampler would shuffle,
+            # and then W processes x batch b would not see the same items as 1 process x batch W*b.
+            # Validation is not sharded (num_replicas=1): every rank scores the whole small val set, so the logged
+            # metrics are exact rather than one shard's.
+            replicas, rank = (trainer.world_size, trainer.global_rank) if shard else (1, 0)
+            sampler = DistributedSampler(ds, num_replicas=replicas, rank=rank, shuffle=False, drop_last=False)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, sampler=sampler, num_workers=nw,
                           collate_fn=collate, persistent_workers=nw > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -471,4 +480,4 @@ class SyntheticWorldDataModule(pl.LightningDataModule):
         return self._loader(OffsetDataset(self.train_set, start))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+        return self._loader(self.val_set, shard=False)

@@ -83,13 +83,13 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
             '"init_args": {"delay_s": 0.4}}'
     proc = _train(killed, delay, wait=False)
     first = killed / "checkpoints" / "epoch=0-step=4.ckpt"
+    last = killed / "checkpoints" / "last.ckpt"   # written (atomically) just after the step-4 file
     deadline = time.time() + 180
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
+    while not (first.exists() and last.exists()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert first.exists(), proc.stdout.read().decode()[-3000:]
-    last = killed / "checkpoints" / "last.ckpt"
+    assert first.exists() and last.exists(), proc.stdout.read().decode()[-3000:]
     step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 4 <= step < 12, f"the run was not killed mid-training (last.ckpt at step {step})"
     _train(killed, "--ckpt_path=last")
