@@ -1,7 +1,7 @@
 """Few-shot image classification splits (CoOp protocol) for any HF `datasets` name or local image folder.
 
     dm = FewShotDataModule("imagefolder:/data/imagenet", shots=16, seed=1, data_dir="data",
-                           classnames_file="configs/coop/imagenet_classnames.txt")
+                           classnames_file="/data/imagenet/classnames.txt")
 
 Protocol (spec §2.3):
 - K shots per class (K in 1/2/4/8/16, seeds 1/2/3) sampled without replacement from the train split with a
@@ -18,6 +18,9 @@ Protocol (spec §2.3):
   fails when more than ``max_bad_fraction`` of a split is bad.
 
 Local image folders: ``ROOT/train/<class>/*.jpg``, ``ROOT/test/<class>/...`` and/or ``ROOT/val/<class>/...``.
+HF datasets: ``hf:NAME`` or a bare hub name (e.g. ``hf:imagenet-1k``; offline only when cached) or ``hf:/local/dir``
+of data files (``train-*.parquet``...); the first Image and ClassLabel columns are used. A split without labels
+(imagenet-1k's ``test``) is never the test split, so ImageNet tests on ``validation``.
 Class names come from the dataset (folder names with ``_`` -> space, or the HF ClassLabel names) or from a text
 file: one name per line in class order, or CoOp's ``<folder/wnid> <name>`` lines (mapped by key when the keys
 are the dataset's class folders, else by order).
@@ -167,9 +170,12 @@ class HFSource:
 
 
 def open_source(dataset: str, hf_config: str | None = None, cache_dir: str | None = None):
-    """'imagefolder:/path' or an existing folder -> ImageFolderSource, else an HF datasets name."""
+    """'imagefolder:/path' or an existing folder -> ImageFolderSource; 'hf:NAME' (a hub name or a local folder of
+    HF data files, e.g. train-*.parquet) or any other name -> an HF `datasets` source."""
     if dataset.startswith("imagefolder:"):
         return ImageFolderSource(dataset[len("imagefolder:"):])
+    if dataset.startswith("hf:"):
+        return HFSource(dataset[len("hf:"):], hf_config, cache_dir)
     if Path(dataset).expanduser().is_dir():
         return ImageFolderSource(dataset)
     if dataset.startswith(("/", "./", "~")):
@@ -233,14 +239,21 @@ def sample_split(source, shots: int, seed: int, allow_fewer: bool = False, test_
 
 
 def test_split_of(source, requested: str | None = None) -> str:
+    """The split to test on: ``requested``, else the first labelled one of test / val / validation.
+
+    A split without labels (HF ``imagenet-1k``'s ``test`` holds label -1 only) is skipped, so ImageNet tests on its
+    validation set as CoOp does.
+    """
     if requested:
         if requested not in source.splits:
             raise FewShotDataError(f"test split {requested!r} not in the dataset (splits: {source.splits}).")
+        if not source.items(requested):
+            raise FewShotDataError(f"test split {requested!r} has no labelled images.")
         return requested
     for s in ("test", "val", "validation"):
-        if s in source.splits:
+        if s in source.splits and source.items(s):
             return s
-    raise FewShotDataError(f"The dataset has no test/val split to evaluate on (splits: {source.splits}).")
+    raise FewShotDataError(f"The dataset has no labelled test/val split to evaluate on (splits: {source.splits}).")
 
 
 def check_manifest(manifest: dict, source, path: Path, shots: int, seed: int) -> None:

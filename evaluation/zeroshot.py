@@ -1,7 +1,7 @@
 """Suite `zeroshot`: top-1 accuracy on the full test split of a few-shot dataset (CoOp protocol, spec §2.4).
 
     python evaluate.py --backbone ViT-B-32 --pretrained openai --suite zeroshot \
-        --zeroshot_dataset imagefolder:/data/imagenet --zeroshot_classnames configs/coop/imagenet_classnames.txt
+        --zeroshot_dataset imagefolder:/data/imagenet --zeroshot_classnames /data/imagenet/classnames.txt
     python evaluate.py --ckpt runs/coop/checkpoints/last.ckpt --suite zeroshot --zeroshot_dataset ...
 
 Always reports the zero-shot baselines of the backbone (``--zeroshot_templates``, default: CLIP's single

@@ -171,7 +171,87 @@ def test_coop_beats_zero_shot_end_to_end(tmp_path, monkeypatch, one_thread):
     r = res["suites"]["zeroshot"]
     assert r["n_images"] == 40 and r["n_classes"] == 4
     best_zs = max(r["top1/single"], r["top1/imagenet80"])
+    print(f"top-1 on 40 test images: zero-shot single {r['top1/single']}, 80 templates {r['top1/imagenet80']}, "
+          f"CoOp {r['top1/method']}")
     assert r["top1/method"] >= best_zs + 20, r  # percent
+
+
+def _anchor_expl_loss(m, x, y):
+    """The anchor's formulation (spec §3.3): per image, the image repeated K times through the image tower,
+    full-length prompts, one autograd.grad per text layer, full (K, L, L) relevance products."""
+    from models.relevance import capture_attention, encode_text_from_embeddings
+
+    pl = m.prompt_learner
+    embeds, eot = pl()
+    K, L = embeds.shape[:2]
+    model = m.backbone.model
+    with capture_attention(model, ("text",)) as store:
+        t = F.normalize(encode_text_from_embeddings(model, embeds, eot), dim=-1)  # [K, D]
+    rows = []
+    for b in range(len(x)):
+        with torch.no_grad():
+            img = F.normalize(model.encode_image(x[b:b + 1].repeat(K, 1, 1, 1)), dim=-1)  # [K, D]
+        y_b = (model.logit_scale.exp() * img @ t.T).diagonal().sum()
+        R = torch.eye(L).repeat(K, 1, 1)
+        for A in store.probs["text"]:
+            (G,) = torch.autograd.grad(y_b, [A], retain_graph=True)
+            R = R + torch.bmm((G * A).clamp(min=0).mean(dim=1), R)
+        r = R[torch.arange(K), eot].clone()
+        r[torch.arange(K), eot] = 0
+        rows.append(((r / r.sum(-1, keepdim=True)) * pl.name_mask).max(-1).values)
+    S = torch.stack(rows)  # [B, K]
+    return -S[torch.arange(len(y)), y].mean() + S.masked_fill(F.one_hot(y, K).bool(), 0).sum() / S.numel()
+
+
+@pytest.mark.parametrize("position", ["middle", "end"])
+def test_expl_loss_equals_anchor_formulation_value_and_gradient(one_thread, position):
+    """Image features once per image, one text pass, truncated prompts, row rollout == the anchor (§3.5.3)."""
+    torch.manual_seed(0)
+    m = CoOp("tiny-vit-test", None, classnames=NAMES + ["cat", "red car"], n_ctx=4, class_token_position=position,
+             expl_weight=1.0)
+    with torch.no_grad():
+        m.prompt_learner.ctx.normal_(0, 0.5)  # a context far from the init, so relevance is not trivial
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    ref = _anchor_expl_loss(m, x, y)
+    (g_ref,) = torch.autograd.grad(ref, m.prompt_learner.ctx)
+    out = m.compute_losses(x, y)
+    (g_ours,) = torch.autograd.grad(out["expl"], m.prompt_learner.ctx)
+    assert abs(out["expl"].item() - ref.item()) < 1e-6
+    assert g_ref.abs().max() > 0 and torch.allclose(g_ours, g_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_expl_loss_applied_under_mixed_precision(one_thread):
+    """Anchor defect §3.5.2: its amp branch dropped the loss; here bf16 autocast keeps CE + lambda * L_expl."""
+    torch.manual_seed(0)
+    m = CoOp("tiny-vit-test", None, classnames=NAMES + ["cat"], n_ctx=4, class_token_position="middle",
+             expl_weight=3.0)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    fp32 = m.compute_losses(x, y)["expl"].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.compute_losses(x, y)
+    assert torch.isfinite(out["loss"]) and out["expl"].item() != 0
+    assert out["loss"].item() == pytest.approx(out["ce"].item() + 3.0 * out["expl"].item(), rel=1e-5)
+    assert out["expl"].item() == pytest.approx(fp32, rel=0.2)
+    (g,) = torch.autograd.grad(out["expl"], m.prompt_learner.ctx)
+    assert g.abs().sum() > 0
+
+
+def test_train_cli_with_expl_config(tmp_path, monkeypatch, one_thread):
+    """train.py fit --config configs/coop/tiny_test_expl.yaml on one device (anchor defect §3.5.1: lambda read
+    through `.module`, which crashes without DataParallel); the checkpoint holds the context only."""
+    import train
+
+    root = make_colour_folder(tmp_path / "colours", n_train=8, n_test=2)
+    monkeypatch.chdir(tmp_path)
+    train.main(["fit", "--config", str(REPO / "configs/coop/tiny_test_expl.yaml"),
+                "--data.init_args.dataset", f"imagefolder:{root}", "--trainer.max_steps", "2",
+                "--model.init_args.expl_chunk_size", "3",  # 4 classes: the chunked (surrogate) path in the Trainer
+                "--trainer.default_root_dir", str(tmp_path / "run")])
+    ckpt = torch.load(next((tmp_path / "run").rglob("last.ckpt")), weights_only=True)
+    assert list(ckpt["state_dict"]) == ["prompt_learner.ctx"]
+    assert ckpt["hyper_parameters"]["expl_chunk_size"] == 3 and ckpt["global_step"] == 2
+    assert ckpt["hyper_parameters"]["expl_weight"] == 10.0
+    assert ckpt["hyper_parameters"]["classnames"] == ["blue", "green", "red", "yellow"]
 
 
 def _train_manual(expl_weight, X, Y, classnames, steps=20, lr=0.02):
@@ -225,8 +305,9 @@ def test_world_clip_coop_beats_template_and_expl_raises_score(tmp_path, one_thre
     from tests.coop_data import make_world_folder
 
     shapes = ["circle", "square", "triangle", "star", "heart", "cross"]
-    root = make_world_folder(tmp_path / "world", shapes, n_train=8, n_test=20)
-    dm = FewShotDataModule(f"imagefolder:{root}", shots=8, data_dir=str(tmp_path / "d"), image_size=64,
+    size = CoOp("tiny-vit-world", "synthetic-world", classnames=shapes, n_ctx=4).backbone.image_size
+    root = make_world_folder(tmp_path / "world", shapes, n_train=8, n_test=20, image_size=size)
+    dm = FewShotDataModule(f"imagefolder:{root}", shots=8, data_dir=str(tmp_path / "d"), image_size=size,
                            num_workers=0, crop_scale_min=0.6)
     dm.setup("fit")
     dm.setup("test")

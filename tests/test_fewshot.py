@@ -108,3 +108,35 @@ def test_corrupt_images_counted_reported_and_threshold(folder, tmp_path):
     dm = _dm(folder, tmp_path, max_bad_fraction=0.1)
     with pytest.raises(FewShotDataError, match=r"2 of 12 images.*unreadable.*002.png"):
         dm.setup("test")
+
+
+def test_hf_dataset_source_skips_unlabelled_test_split(tmp_path, monkeypatch):
+    """An HF `datasets` source (local parquet files, as the hub's imagenet-1k layout): ClassLabel names, K shots,
+    and a `test` split holding label -1 only is skipped, so the test split is `validation` (ImageNet val)."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    feats = datasets.Features({"image": datasets.Image(),
+                               "label": datasets.ClassLabel(names=["red_thing", "blue_thing", "green_thing"])})
+    rng = np.random.default_rng(0)
+    root = tmp_path / "hfds" / "data"
+    root.mkdir(parents=True)
+    for split, n, labelled in (("train", 9, True), ("validation", 6, True), ("test", 3, False)):
+        imgs = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+        ds = datasets.Dataset.from_dict({"image": imgs, "label": [i % 3 if labelled else -1 for i in range(n)]},
+                                        features=feats)
+        ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+    dm = FewShotDataModule(f"hf:{tmp_path / 'hfds'}", shots=2, seed=1, data_dir=str(tmp_path / "data"),
+                           image_size=32, batch_size=4, num_workers=0, cache_dir=str(tmp_path / "hf"))
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.classnames == ["red thing", "blue thing", "green thing"]
+    assert dm.data.test_split == "validation" and dm.data.manifest["val_split"] == "train"
+    assert {k: len(v) for k, v in dm.data.manifest["train"].items()} == {"red_thing": 2, "blue_thing": 2,
+                                                                         "green_thing": 2}
+    assert len(dm.train_set) == 6 and len(dm.val_set) == 3 and len(dm.test_set) == 6
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 1, 2, 0, 1, 2]
