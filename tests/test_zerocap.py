@@ -11,8 +11,13 @@ from models.clip_backbone import SHIPPED_WEIGHTS, build_clip
 
 
 def _captions(n: int, seed: int = 0) -> list[str]:
+    """World captions in two word orders, so that after "Image of a" both a colour and a shape are fluent."""
     rng = random.Random(seed)
-    return [f"Image of a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)}." for _ in range(n)]
+    out = []
+    for _ in range(n):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        out.append(f"Image of a {colour} {shape}." if rng.random() < 0.5 else f"Image of a {shape} in {colour}.")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +137,26 @@ def test_guidance_raises_clip_similarity(tiny_lm, world_clip):
         cos_g = (fi * world_clip.encode_text(world_clip.tokenize([f"Image of a{t}" for t in s_guided]))).sum(-1)
         cos_p = (fi * world_clip.encode_text(world_clip.tokenize([f"Image of a{t}" for t in s_plain]))).sum(-1)
     assert cos_g.mean() > cos_p.mean() + 0.05, (s_guided, s_plain, cos_g.tolist(), cos_p.tolist())
+
+
+def test_context_shift_moves_the_lm_towards_clips_target(tiny_lm, tiny_backbone):
+    """The mechanism: a few normalised gradient steps on the cached keys/values lower CE(q_clip, p_shifted)."""
+    import torch.nn.functional as F
+
+    lm, tok = tiny_lm
+    zc = ZeroCap(tiny_backbone, lm, tok, ZeroCapConfig(top_size=64, stepsize=0.3, num_iterations=5))
+    img = torch.randn(1, 3, tiny_backbone.image_size, tiny_backbone.image_size, generator=torch.Generator().manual_seed(0))
+    target = zc.image_target(img)
+    ctx = zc.context_tokens()
+    with torch.no_grad():
+        p = F.softmax(lm(input_ids=ctx).logits[:, -1].float(), dim=-1)      # [1, V] unshifted
+    q = zc.clip_target(p, [zc._prefix_text(ctx[0])], target)                 # CLIP's target on the top-k
+    ce_plain = -(q * p.clamp_min(1e-30).log()).sum().item()
+    zc.cfg.fusion_factor = 1.0                                              # look at the shifted LM alone
+    zc.cfg.end_factor = zc.cfg.start_factor = zc.cfg.forbidden_factor = zc.cfg.repetition_penalty = 1.0
+    log_shift = zc.next_log_probs(ctx, 1, target)                           # normalised over the single beam
+    ce_shift = -(q * log_shift).sum().item()
+    assert ce_shift < ce_plain - 0.05, (ce_plain, ce_shift)
 
 
 def test_cli_captions_a_folder_with_references(tiny_lm, tmp_path):
