@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.callbacks import ProgressBar, RichProgressBar  # noqa: E402
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
@@ -32,6 +33,14 @@ class SaveConfigToLogger(SaveConfigCallback):
 
 
 class CLI(LightningCLI):
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        # Rich progress bar by default (a config may still pick its own bar or enable_progress_bar: false).
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and \
+                not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # checkpoints are written atomically

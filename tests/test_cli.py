@@ -45,6 +45,15 @@ def test_fit_writes_slim_checkpoint_that_evaluate_can_rebuild(toy_config, tmp_pa
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+def test_rich_progress_bar_by_default_and_respects_config(toy_config, tmp_path):
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    cli = train.main(["--config", str(toy_config), "--trainer.enable_progress_bar=true"], run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)
+    cli = train.main(["--config", str(toy_config)], run=False)   # enable_progress_bar: false in the config
+    assert cli.trainer.progress_bar_callback is None
+
+
 def test_checkpoint_errors_name_the_file(toy_config, tmp_path):
     _, ckpt_path = _fit(toy_config, tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
