@@ -47,8 +47,21 @@ class CLI(LightningCLI):
         return trainer
 
 
+def respect_omp_thread_limit() -> None:
+    """OMP_THREAD_LIMIT below torch's thread count gave garbage conv weight gradients (|g| ~ 1e35, then NaN) in CPU
+    training on torch 2.14; run with as many torch threads as OpenMP will actually provide."""
+    import torch
+
+    limit = os.environ.get("OMP_THREAD_LIMIT", "")
+    if limit.isdigit() and 0 < int(limit) < torch.get_num_threads():
+        logging.getLogger("train").warning("OMP_THREAD_LIMIT=%s < torch threads (%d): using %s torch thread(s).",
+                                           limit, torch.get_num_threads(), limit)
+        torch.set_num_threads(int(limit))
+
+
 def main(args: list[str] | None = None, run: bool = True) -> CLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    respect_omp_thread_limit()
     ensure_wandb_mode()
     return CLI(
         pl.LightningModule, pl.LightningDataModule,

@@ -6,6 +6,8 @@ threshold (disentangle.md 5.6; the paper used easyocr at thresholds 0.0 and 0.25
 """
 from __future__ import annotations
 
+import os
+
 import shutil
 from typing import Sequence
 
@@ -68,7 +70,18 @@ def ocr_max_confidence(image: Image.Image, psm: int = 7, upscale_below: int = 12
     img = image.convert("RGB")
     if min(img.size) < upscale_below:
         img = img.resize((img.width * upscale, img.height * upscale), Image.BICUBIC)
-    data = pytesseract.image_to_data(img, config=f"--psm {psm}", output_type=pytesseract.Output.DICT)
+    # One OpenMP thread for the tesseract child only (faster on small images; environment.md 7). Never set it for
+    # the whole process: torch subprocesses that inherit OMP_THREAD_LIMIT=1 while expecting 2 threads got garbage
+    # conv weight gradients (|g| ~ 1e35) and NaN pretraining runs on this machine.
+    previous = os.environ.get("OMP_THREAD_LIMIT")
+    os.environ["OMP_THREAD_LIMIT"] = "1"
+    try:
+        data = pytesseract.image_to_data(img, config=f"--psm {psm}", output_type=pytesseract.Output.DICT)
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_THREAD_LIMIT", None)
+        else:
+            os.environ["OMP_THREAD_LIMIT"] = previous
     best = -1.0
     for text, conf in zip(data.get("text", []), data.get("conf", [])):
         try:

@@ -7,7 +7,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # tesseract
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

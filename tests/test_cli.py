@@ -101,3 +101,15 @@ def test_wandb_falls_back_to_offline(monkeypatch, tmp_path):
     import os
 
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_torch_threads_follow_omp_thread_limit(monkeypatch):
+    """OMP_THREAD_LIMIT < torch threads corrupted conv gradients in CPU training; train.py lowers torch's threads."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_THREAD_LIMIT", "1")
+        train.respect_omp_thread_limit()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
