@@ -11,7 +11,9 @@ and may return a ``"tables"`` entry: {table_name: {"columns": [...], "data": [[.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +75,17 @@ class EvalModel(nn.Module):
 
     def image_transform(self) -> Callable:
         return self.backbone.preprocess
+
+
+def read_json_file(path: str | Path, suite: str, kind: type, expected: str) -> Any:
+    """Load a suite's JSON input; errors name the suite, the file and the ``expected`` layout."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{suite}: {p} not found; expected {expected}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{suite}: {p} is not valid JSON ({e})") from e
+    if not isinstance(data, kind):
+        raise ValueError(f"{suite}: {p} must hold {expected}; got {type(data).__name__}")
+    return data

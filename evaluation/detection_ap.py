@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from evaluation.common import read_json_file
+
 
 NAME = "detection_ap"
 HELP = "DETR detections on generated images vs conditioning boxes: COCO AP / AP50 / AP75 / AR1/10/100"
@@ -39,15 +41,7 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"detection_ap: {what} {path} not found; expected {LAYOUT}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"detection_ap: {path} is not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"detection_ap: {path} must hold a JSON object {{image: [...]}}; got {type(data).__name__}")
-    return data
+    return read_json_file(path, "detection_ap", dict, f"{what}: {LAYOUT}")
 
 
 def _boxes(path: Path, image: str, entries, index: dict[str, int] | None, scored: bool) -> dict[str, torch.Tensor]:

@@ -21,13 +21,14 @@ Without a file a built-in set of synthetic-world layouts is used.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from evaluation.common import read_json_file
 
 NAME = "spatial_generation"
 HELP = ("VQGAN-CLIP spatial conditioning per method: saliency P/R/F1 + relevance mass in box, optional DETR AP, "
@@ -95,16 +96,7 @@ def load_layouts(path: str | None, size: int) -> list[list[tuple[str, tuple[floa
 
 
 def _read_layout_file(path: str) -> list:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"spatial_generation: prompt file {p} not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"spatial_generation: {p} is not valid JSON: {e}") from e
-    if not isinstance(data, list):
-        raise ValueError(f"spatial_generation: {p} must hold a JSON list of layouts, got {type(data).__name__}")
-    return data
+    return read_json_file(path, "spatial_generation", list, "a JSON list of layouts")
 
 
 def relevance_maps(backbone, image: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

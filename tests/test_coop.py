@@ -277,18 +277,24 @@ def _gt_score(m, X, Y):
     return classname_scores(rel.detach(), eot, pl.name_mask).gather(1, Y[:, None]).mean().item()
 
 
-def test_expl_loss_raises_gt_classname_relevance(tmp_path, one_thread):
-    from datamodules.fewshot import FewShotDataModule
-
-    root = make_colour_folder(tmp_path / "colours", n_train=8, n_test=6)
-    dm = FewShotDataModule(f"imagefolder:{root}", shots=8, data_dir=str(tmp_path / "d"), image_size=32,
-                           num_workers=0, crop_scale_min=0.5)
+def _train_test_tensors(dm):
+    """FewShotDataModule -> (train images [N, 3, H, W], labels [N], test images, test labels)."""
     dm.setup("fit")
     dm.setup("test")
     X = torch.stack([t[0] for t in dm.train_set])
     Y = torch.tensor([t[1] for t in dm.train_set])
     XT = torch.stack([t[0] for t in dm.test_set])
     YT = torch.tensor([t[1] for t in dm.test_set])
+    return X, Y, XT, YT
+
+
+def test_expl_loss_raises_gt_classname_relevance(tmp_path, one_thread):
+    from datamodules.fewshot import FewShotDataModule
+
+    root = make_colour_folder(tmp_path / "colours", n_train=8, n_test=6)
+    dm = FewShotDataModule(f"imagefolder:{root}", shots=8, data_dir=str(tmp_path / "d"), image_size=32,
+                           num_workers=0, crop_scale_min=0.5)
+    X, Y, XT, YT = _train_test_tensors(dm)
     plain = _gt_score(_train_manual(0.0, X, Y, dm.classnames), XT, YT)
     expl = _gt_score(_train_manual(10.0, X, Y, dm.classnames), XT, YT)
     print(f"mean GT class-name relevance on test images: plain CoOp {plain:.4f}, CoOp+expl {expl:.4f}")
@@ -309,12 +315,7 @@ def test_world_clip_coop_beats_template_and_expl_raises_score(tmp_path, one_thre
     root = make_world_folder(tmp_path / "world", shapes, n_train=8, n_test=20, image_size=size)
     dm = FewShotDataModule(f"imagefolder:{root}", shots=8, data_dir=str(tmp_path / "d"), image_size=size,
                            num_workers=0, crop_scale_min=0.6)
-    dm.setup("fit")
-    dm.setup("test")
-    X = torch.stack([t[0] for t in dm.train_set])
-    Y = torch.tensor([t[1] for t in dm.train_set])
-    XT = torch.stack([t[0] for t in dm.test_set])
-    YT = torch.tensor([t[1] for t in dm.test_set])
+    X, Y, XT, YT = _train_test_tensors(dm)
     results = {}
     for ew in (0.0, 10.0):
         torch.manual_seed(0)
