@@ -10,7 +10,9 @@ Offline with weights missing from the cache, it fails at once with a message tha
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -204,7 +206,8 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
         if name.startswith("local-dir:"):
             model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
         elif weights_file is not None:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+            with _drop_root_log("No pretrained weights loaded"):  # open_clip's notice; the weights follow
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
             load_clip_weights(model, weights_file)
         else:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **kwargs)
@@ -216,6 +219,20 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
     model.eval()
     backbone = ClipBackbone(model, preprocess, tokenizer, name, tag)
     return backbone.to(device)
+
+
+@contextlib.contextmanager
+def _drop_root_log(prefix: str):
+    """Silence root-logger records starting with ``prefix`` inside the block."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def load_clip_weights(model: nn.Module, path: str | Path) -> None:

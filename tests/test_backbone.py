@@ -30,6 +30,19 @@ def test_local_state_dict_round_trips(tmp_path, tiny_backbone):
     assert torch.equal(b3.model.logit_scale, tiny_backbone.model.logit_scale)
 
 
+
+def test_local_weights_do_not_log_random_init(tmp_path, tiny_backbone, caplog):
+    """open_clip says 'initialized randomly' before our loader fills the weights; users must not see that."""
+    path = tmp_path / "w.pt"
+    torch.save(tiny_backbone.model.state_dict(), path)
+    with caplog.at_level("WARNING"):
+        build_clip("tiny-vit-test", str(path))
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        build_clip("tiny-vit-test", None)  # a genuinely random model still says so
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
 def test_local_dir_schema(tmp_path, tiny_backbone):
     from safetensors.torch import save_file
 
