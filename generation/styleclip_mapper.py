@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser("styleclip-mapper", aliases=["styleclip_mapper"],
                               help="apply a trained StyleCLIP latent mapper to W+ latents",

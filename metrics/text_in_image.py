@@ -7,7 +7,6 @@ threshold (disentangle.md 5.6; the paper used easyocr at thresholds 0.0 and 0.25
 from __future__ import annotations
 
 import os
-
 import shutil
 from typing import Sequence
 

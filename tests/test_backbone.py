@@ -30,7 +30,6 @@ def test_local_state_dict_round_trips(tmp_path, tiny_backbone):
     assert torch.equal(b3.model.logit_scale, tiny_backbone.model.logit_scale)
 
 
-
 def test_local_weights_do_not_log_random_init(tmp_path, tiny_backbone, caplog):
     """open_clip says 'initialized randomly' before our loader fills the weights; users must not see that."""
     path = tmp_path / "w.pt"
