@@ -21,7 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("analyze")
@@ -40,7 +39,7 @@ def _device(args) -> str:
 
 
 def _build(args):
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     return build_clip(args.backbone, args.pretrained, device=_device(args)).freeze()
 
@@ -55,7 +54,7 @@ def _templates(spec: str | None) -> list[str] | None:
 
 
 def _write(obj: dict, path: str | None) -> None:
-    from utils.io import atomic_write_json
+    from xclip.utils.io import atomic_write_json
 
     if path:
         atomic_write_json(obj, path)
@@ -66,8 +65,8 @@ def _write(obj: dict, path: str | None) -> None:
 
 # ---- subcommands -----------------------------------------------------------------------------------------------
 def cmd_decompose(args) -> dict:
-    from analysis.datasets import load_classification
-    from analysis.decomposition import decompose_to_store
+    from xclip.analysis.datasets import load_classification
+    from xclip.analysis.decomposition import decompose_to_store
 
     backbone = _build(args)
     data = load_classification(args.data, backbone, _templates(args.templates), args.limit_per_class)
@@ -78,9 +77,9 @@ def cmd_decompose(args) -> dict:
 def cmd_ablate(args) -> dict:
     import torch
 
-    from analysis.ablation import AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads, \
+    from xclip.analysis.ablation import AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads, \
         zero_shot_accuracy
-    from analysis.decomposition import load_store
+    from xclip.analysis.decomposition import load_store
 
     st = load_store(args.store)
     labels = torch.from_numpy(st["labels"][:])
@@ -99,11 +98,11 @@ def cmd_ablate(args) -> dict:
 def cmd_textspan(args) -> dict:
     import torch
 
-    from analysis.ablation import AblationSpec, ablated_embeddings, dataset_means, layers_before_last, \
+    from xclip.analysis.ablation import AblationSpec, ablated_embeddings, dataset_means, layers_before_last, \
         zero_shot_accuracy
-    from analysis.decomposition import load_store
-    from analysis.store import to_tensor
-    from analysis.textspan import encode_text_pool, load_text_pool, run_textspan_heads, write_head_texts
+    from xclip.analysis.decomposition import load_store
+    from xclip.analysis.store import to_tensor
+    from xclip.analysis.textspan import encode_text_pool, load_text_pool, run_textspan_heads, write_head_texts
 
     st = load_store(args.store)
     pool = load_text_pool(args.pool)
@@ -131,7 +130,7 @@ def cmd_textspan(args) -> dict:
         spec = AblationSpec(layers=layers_before_last(L, args.last_layers))
         emb = ablated_embeddings(heads, st["mlps"], spec, means)
         summary["textspan_accuracy"] = zero_shot_accuracy(emb, st["classifier"], labels)
-    from utils.io import atomic_write_json
+    from xclip.utils.io import atomic_write_json
 
     atomic_write_json(summary, out.with_suffix(".summary.json"))
     _write(summary, None)
@@ -141,14 +140,14 @@ def cmd_textspan(args) -> dict:
 def cmd_segment(args) -> dict:
     import torch
 
-    from analysis.datasets import build_classifier, load_segmentation, prompts_for
-    from analysis.decomposition import decompose_images
-    from analysis.segmentation import SegmentationMetrics, class_heatmaps
+    from xclip.analysis.datasets import build_classifier, load_segmentation, prompts_for
+    from xclip.analysis.decomposition import decompose_images
+    from xclip.analysis.segmentation import SegmentationMetrics, class_heatmaps
 
     backbone = _build(args)
     data = load_segmentation(args.data, backbone)
     if args.data.startswith("world"):
-        from datamodules.synthetic_world import SHAPES, class_prompts
+        from xclip.datamodules.synthetic_world import SHAPES, class_prompts
 
         prompts = [class_prompts(s) for s in SHAPES]
     else:
@@ -180,9 +179,9 @@ def cmd_segment(args) -> dict:
 def cmd_spurious(args) -> dict:
     import torch
 
-    from analysis.ablation import parse_heads
-    from analysis.decomposition import decompose_to_store, load_store
-    from analysis.spurious import PAPER_HEADS, load_waterbirds, spurious_report
+    from xclip.analysis.ablation import parse_heads
+    from xclip.analysis.decomposition import decompose_to_store, load_store
+    from xclip.analysis.spurious import PAPER_HEADS, load_waterbirds, spurious_report
 
     if args.paper_heads:
         heads = PAPER_HEADS[args.paper_heads]

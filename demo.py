@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 log = logging.getLogger("demo")
 
@@ -66,7 +65,7 @@ def make_logger(args, out: Path):
         return CSVLogger(save_dir=str(out), name="logs")
     from pytorch_lightning.loggers import WandbLogger
 
-    from utils.wandb_setup import ensure_wandb_mode
+    from xclip.utils.wandb_setup import ensure_wandb_mode
 
     ensure_wandb_mode()
     return WandbLogger(project="spelling-demo", save_dir=str(out), name=f"{args.preset}-k{args.k}",
@@ -74,7 +73,7 @@ def make_logger(args, out: Path):
 
 
 def world_datamodule(args, out: Path):
-    from datamodules.feature_cache import SpellingFeatureDataModule
+    from xclip.datamodules.feature_cache import SpellingFeatureDataModule
 
     return SpellingFeatureDataModule(
         source="synthetic-world", n_train=args.n_train, n_val=args.n_val, seed=args.seed, canvas_size=64,
@@ -86,9 +85,9 @@ def typographic_eval(backbone, W, n: int, seed: int = 1234) -> dict:
     """Zero-shot shape accuracy (%) on clean / attacked world objects, raw CLIP vs projected by W."""
     import torch
 
-    from datamodules.feature_cache import encode_pils, encode_texts
-    from datamodules.synthetic_world import class_prompts, typographic_split
-    from lightning_modules.spelling import apply_projection
+    from xclip.datamodules.feature_cache import encode_pils, encode_texts
+    from xclip.datamodules.synthetic_world import class_prompts, typographic_split
+    from xclip.lightning_modules.spelling import apply_projection
 
     split = typographic_split(n=n, seed=seed, image_size=backbone.image_size)
     prompts = [class_prompts(c) for c in split.classnames]
@@ -173,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from lightning_modules.spelling import SpellingProjection, evaluate_features
-    from utils.io import AtomicCheckpointIO, atomic_write_json
+    from xclip.lightning_modules.spelling import SpellingProjection, evaluate_features
+    from xclip.utils.io import AtomicCheckpointIO, atomic_write_json
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)

@@ -20,20 +20,19 @@ from pathlib import Path
 from types import ModuleType
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 log = logging.getLogger("evaluate")
 
 
 def discover_suites() -> dict[str, ModuleType]:
     """Every module in evaluation/ that defines NAME and run()."""
-    import evaluation
+    from xclip import evaluation
 
     suites = {}
     for info in sorted(pkgutil.iter_modules(evaluation.__path__), key=lambda i: i.name):
         if info.name.startswith("_") or info.name == "common":
             continue
-        mod = importlib.import_module(f"evaluation.{info.name}")
+        mod = importlib.import_module(f"xclip.evaluation.{info.name}")
         if hasattr(mod, "run") and hasattr(mod, "NAME"):
             suites[mod.NAME] = mod
     return suites
@@ -70,12 +69,12 @@ def _cuda() -> bool:
 
 def load_eval_model(args):
     """Build the EvalModel from --ckpt or --backbone/--pretrained (+ --projection)."""
-    from evaluation.common import EvalModel
-    from models.clip_backbone import build_clip
+    from xclip.evaluation.common import EvalModel
+    from xclip.models.clip_backbone import build_clip
 
     method = None
     if args.ckpt:
-        from lightning_modules.base import load_method_checkpoint
+        from xclip.lightning_modules.base import load_method_checkpoint
 
         method = load_method_checkpoint(args.ckpt, map_location=args.device)
         backbone = method.backbone
@@ -85,7 +84,7 @@ def load_eval_model(args):
         raise SystemExit("evaluate.py: give --ckpt PATH or --backbone NAME [--pretrained TAG]")
     projection = None
     if args.projection:
-        from lightning_modules.spelling import load_projection
+        from xclip.lightning_modules.spelling import load_projection
 
         projection = load_projection(args.projection, expected_backbone=backbone.spec())
     elif method is not None and hasattr(method, "projection_matrix"):
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"evaluate.py: unknown suite(s) {', '.join(unknown)}; valid suites: {', '.join(suites)}")
     import torch
 
-    from utils.io import atomic_write_json
+    from xclip.utils.io import atomic_write_json
 
     torch.manual_seed(args.seed)
     model = load_eval_model(args)
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _log_wandb(results: dict, tables: dict, args) -> None:
     import wandb
 
-    from utils.wandb_setup import ensure_wandb_mode
+    from xclip.utils.wandb_setup import ensure_wandb_mode
 
     ensure_wandb_mode()
     run = wandb.init(project=args.wandb_project, config=results["model"], job_type="eval",

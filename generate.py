@@ -19,7 +19,6 @@ import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SUBCOMMAND_MODULES: list[str] = [
     "generation.styleclip_optimize",

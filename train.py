@@ -12,15 +12,14 @@ import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar  # noqa: E402
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
-from utils.io import AtomicCheckpointIO  # noqa: E402
-from utils.wandb_setup import ensure_wandb_mode  # noqa: E402
+from xclip.utils.io import AtomicCheckpointIO  # noqa: E402
+from xclip.utils.wandb_setup import ensure_wandb_mode  # noqa: E402
 
 
 class SaveConfigToLogger(SaveConfigCallback):

@@ -72,7 +72,7 @@ def load_classification(source: str, backbone, templates: Sequence[str] | None =
                         limit_per_class: int | None = None) -> LabelledImages:
     """'world[:N[:SEED]]' (clean shapes of the built-in world) or an image-class folder."""
     if source.startswith("world"):
-        from datamodules.synthetic_world import COLOURS, SHAPES, class_prompts, render_object, to_tensor
+        from xclip.datamodules.synthetic_world import COLOURS, SHAPES, class_prompts, render_object, to_tensor
 
         n, seed = _parse_world(source)
         size = backbone.image_size
@@ -125,7 +125,7 @@ def world_object_with_mask(shape: str, colour: str, rng: random.Random, image_si
                            ) -> tuple[Image.Image, torch.Tensor]:
     """A world object and its pixel mask: the object is the set of pixels that differ from the background
     render_object starts from (rendered again from the same rng state)."""
-    from datamodules.synthetic_world import render_background, render_object
+    from xclip.datamodules.synthetic_world import render_background, render_object
 
     background = np.asarray(render_background(_clone(rng), image_size), np.int16)
     image, _ = render_object(shape, colour, rng, image_size)
@@ -143,7 +143,7 @@ def load_segmentation(source: str, backbone) -> SegmentationImages:
     """'world[:N[:SEED]]' (world objects with exact masks) or a folder (SEG_FOLDER_LAYOUT)."""
     size = backbone.image_size
     if source.startswith("world"):
-        from datamodules.synthetic_world import COLOURS, SHAPES, to_tensor
+        from xclip.datamodules.synthetic_world import COLOURS, SHAPES, to_tensor
 
         n, seed = _parse_world(source)
 

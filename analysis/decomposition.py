@@ -245,9 +245,9 @@ def decompose_to_store(backbone, data, out_dir, batch_size: int = 32, shard_rows
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from analysis.datasets import build_classifier
-    from analysis.store import ShardedWriter
-    from utils.io import atomic_torch_save, atomic_write_json
+    from xclip.analysis.datasets import build_classifier
+    from xclip.analysis.store import ShardedWriter
+    from xclip.utils.io import atomic_torch_save, atomic_write_json
 
     out_dir = Path(out_dir)
     visual = backbone.model.visual
@@ -304,8 +304,8 @@ def load_store(out_dir) -> dict:
     import json
     from pathlib import Path
 
-    from analysis.store import ShardedArray
-    from utils.io import safe_torch_load
+    from xclip.analysis.store import ShardedArray
+    from xclip.utils.io import safe_torch_load
 
     out_dir = Path(out_dir)
     if not (out_dir / "meta.json").is_file():

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from analysis.ablation import AblationSpec, ablated_embeddings, dataset_means, layers_before_last
-from analysis.datasets import LabelledImages, prompts_for
+from xclip.analysis.ablation import AblationSpec, ablated_embeddings, dataset_means, layers_before_last
+from xclip.analysis.datasets import LabelledImages, prompts_for
 
 WATERBIRDS_CLASSES = ["landbird", "waterbird"]
 WATERBIRDS_GROUPS = ["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"]

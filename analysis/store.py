@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.io import atomic_write_bytes, atomic_write_json
+from xclip.utils.io import atomic_write_bytes, atomic_write_json
 
 
 def _manifest_path(root: Path, name: str) -> Path:

@@ -101,7 +101,7 @@ def run_textspan_heads(heads: "object", texts: torch.Tensor, pool: Sequence[str]
     ``heads``: an array-like indexable as heads[:, l, h] -> [K, D] (a torch tensor or analysis.store.ShardedArray).
     Returns {"L{l}.H{h}": {"layer", "head", "texts", "indices", "stds", "reconstruction" ([K, D] tensor)}}.
     """
-    from analysis.store import get_head_column
+    from xclip.analysis.store import get_head_column
 
     n_heads = int(heads.shape[2])
     jobs = [(l, h) for l in layers for h in range(n_heads)]
@@ -128,7 +128,7 @@ def _progress(enabled: bool):
 
 def write_head_texts(results: dict, json_path: str | Path | None = None, md_path: str | Path | None = None) -> None:
     """Write per-head text lists as JSON ({"L{l}.H{h}": {...}}) and/or markdown ("## Layer l, Head h" blocks)."""
-    from utils.io import atomic_write_bytes, atomic_write_json
+    from xclip.utils.io import atomic_write_bytes, atomic_write_json
 
     clean = {k: {kk: vv for kk, vv in v.items() if kk != "reconstruction"} for k, v in results.items()}
     if json_path is not None:

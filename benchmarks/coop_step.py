@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rss_mb() -> float:
@@ -36,7 +35,7 @@ def _rss_mb() -> float:
 def _setup(args):
     import torch
 
-    from lightning_modules.coop import CoOp
+    from xclip.lightning_modules.coop import CoOp
 
     torch.manual_seed(0)
     names = [f"thing {i}" for i in range(args.classes)]
@@ -54,7 +53,7 @@ def anchor_expl_loss(m, x, y, also_minimize: bool = True, per_image_seconds: lis
     import torch
     import torch.nn.functional as F
 
-    from models.relevance import capture_attention, encode_text_from_embeddings
+    from xclip.models.relevance import capture_attention, encode_text_from_embeddings
 
     pl = m.prompt_learner
     embeds, eot = pl()  # [K, L, W]
@@ -113,7 +112,7 @@ def _worker(args) -> dict:
         out["cpu_ms_per_step"] = 1000 * sum(cpu[1:]) / args.steps
         out["peak_rss_growth_mb"] = _rss_mb() - base
         if args.worker == "ours":  # loss on the anchor's images, for the equality check
-            from losses.explainability import coop_expl_loss
+            from xclip.losses.explainability import coop_expl_loss
 
             embeds, eot = pl()
             sub, _, _ = coop_expl_loss(m.backbone, m.image_features(x[:n]), embeds, eot, pl.name_mask, y[:n])

@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.clip_backbone import build_clip  # noqa: E402
-from models.relevance import capture_attention, encode_text_from_embeddings, image_relevance, text_relevance  # noqa: E402
+from xclip.models.clip_backbone import build_clip  # noqa: E402
+from xclip.models.relevance import capture_attention, encode_text_from_embeddings, image_relevance, text_relevance  # noqa: E402
 
 
 def _rss_bytes() -> int:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rss_mb() -> float:
@@ -25,8 +24,8 @@ def _rss_mb() -> float:
 def worker(tower: str, texts: int, chunk: int, model: str) -> None:
     import torch
 
-    from models.clip_backbone import build_clip
-    from models.relevance import image_relevance, text_relevance
+    from xclip.models.clip_backbone import build_clip
+    from xclip.models.relevance import image_relevance, text_relevance
 
     torch.manual_seed(0)
     b = build_clip(model, None).freeze()

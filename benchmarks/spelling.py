@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -24,11 +23,11 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
     import torch
 
-    from datamodules.feature_cache import CachedQuintupleFeatures, _collate, _Preprocessed, encode_quintuples, \
+    from xclip.datamodules.feature_cache import CachedQuintupleFeatures, _collate, _Preprocessed, encode_quintuples, \
         encode_texts
-    from datamodules.quintuples import QuintupleDataset, StyleConfig, SyntheticWorldSource, WordConfig
-    from lightning_modules.spelling import SpellingProjection
-    from losses.contrastive import spelling_objective
+    from xclip.datamodules.quintuples import QuintupleDataset, StyleConfig, SyntheticWorldSource, WordConfig
+    from xclip.lightning_modules.spelling import SpellingProjection
+    from xclip.losses.contrastive import spelling_objective
 
     torch.manual_seed(0)
     pre = None if args.pretrained.lower() == "none" else args.pretrained

@@ -15,7 +15,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -39,11 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from generation.styleclip_optimize import OptimizeConfig, initial_latent, optimize_latent
-    from losses.styleclip import ClipLoss
-    from models.clip_backbone import build_clip
-    from models.mapper import LevelsMapper
-    from models.stylegan2 import build_generator
+    from xclip.generation.styleclip_optimize import OptimizeConfig, initial_latent, optimize_latent
+    from xclip.losses.styleclip import ClipLoss
+    from xclip.models.clip_backbone import build_clip
+    from xclip.models.mapper import LevelsMapper
+    from xclip.models.stylegan2 import build_generator
 
     dev = args.device
     gen = build_generator(None, args.generator_size, args.style_dim, args.n_mlp, 2, args.channel_max, device=dev)

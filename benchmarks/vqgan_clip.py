@@ -16,12 +16,11 @@ import sys
 import time
 from dataclasses import replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from generation.vqgan_clip import RegionPrompt, VQGANCLIPConfig, generate  # noqa: E402
-from models.vqgan import load_vqgan, tiny_vqgan  # noqa: E402
+from xclip.generation.vqgan_clip import RegionPrompt, VQGANCLIPConfig, generate  # noqa: E402
+from xclip.models.vqgan import load_vqgan, tiny_vqgan  # noqa: E402
 
 TINY_F16 = {"ch_mult": [1, 1, 1, 1, 1], "resolution": 256, "attn_resolutions": [16]}
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     vqgan = (load_vqgan(args.vqgan_config, args.vqgan_ckpt) if args.vqgan_config else
              tiny_vqgan(n_embed=1024, embed_dim=32, **TINY_F16)).to(args.device)

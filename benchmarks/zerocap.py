@@ -10,7 +10,6 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -20,8 +19,8 @@ def tiny_tokenizer(vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from datamodules.synthetic_world import COLOURS, SHAPES
-    from datamodules.text_render import load_word_list
+    from xclip.datamodules.synthetic_world import COLOURS, SHAPES
+    from xclip.datamodules.text_render import load_word_list
 
     rng = random.Random(0)
     words = load_word_list()
@@ -46,8 +45,8 @@ def main() -> None:
     args = p.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from generation.zerocap import ZeroCap, ZeroCapConfig
-    from models.clip_backbone import build_clip
+    from xclip.generation.zerocap import ZeroCap, ZeroCapConfig
+    from xclip.models.clip_backbone import build_clip
 
     torch.manual_seed(0)
     tok = tiny_tokenizer(args.vocab)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.quintuples import QuintupleDataset, StyleConfig, WordConfig, make_image_source
-from datamodules.text_render import DEFAULT_WORD_LIST, TextStyle, draw_word
-from utils.io import atomic_torch_save, safe_torch_load
+from xclip.datamodules.quintuples import QuintupleDataset, StyleConfig, WordConfig, make_image_source
+from xclip.datamodules.text_render import DEFAULT_WORD_LIST, TextStyle, draw_word
+from xclip.utils.io import atomic_torch_save, safe_torch_load
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -245,7 +245,7 @@ class SpellingFeatureDataModule(CachedFeatureDataModule):
         if self.hparams.encoder is None:
             raise ValueError("SpellingFeatureDataModule used without a Trainer needs `encoder` (a backbone name) "
                              "and `encoder_pretrained`.")
-        from models.clip_backbone import build_clip
+        from xclip.models.clip_backbone import build_clip
 
         self._own_backbone = getattr(self, "_own_backbone", None) or build_clip(
             self.hparams.encoder, self.hparams.encoder_pretrained).freeze()

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from utils.io import atomic_write_json
+from xclip.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 

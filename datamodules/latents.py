@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from utils.io import safe_torch_load
+from xclip.utils.io import safe_torch_load
 
 
 def n_latent_for(size: int) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Protocol, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.text_render import (DEFAULT_WORD_LIST, TextStyle, draw_word, load_word_list, nonsense_word,
+from xclip.datamodules.text_render import (DEFAULT_WORD_LIST, TextStyle, draw_word, load_word_list, nonsense_word,
                                      resolve_fonts)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
@@ -152,7 +152,7 @@ class SyntheticWorldSource:
     """
 
     def __init__(self, shapes: Sequence[str] | None = None, colours: Sequence[str] | None = None):
-        from datamodules import synthetic_world as sw
+        from xclip.datamodules import synthetic_world as sw
 
         self._sw = sw
         self.classnames = list(shapes or sw.SHAPES)
@@ -230,7 +230,7 @@ class WordConfig:
 def load_real_words(word_list: str, min_len: int, max_len: int) -> list[str]:
     """A word-list file, or "world": the synthetic world's vocabulary (words its tiny CLIP was trained to read)."""
     if word_list == "world":
-        from datamodules.synthetic_world import world_vocabulary
+        from xclip.datamodules.synthetic_world import world_vocabulary
 
         return sorted(w for w in world_vocabulary() if min_len <= len(w) <= max_len)
     return load_word_list(word_list, min_len, max_len)

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.text_render import TextStyle, draw_word, load_word_list, nonsense_word, resolve_fonts
+from xclip.datamodules.text_render import TextStyle, draw_word, load_word_list, nonsense_word, resolve_fonts
 
 # 20 object classes; every name is one lower-case English word and a single CLIP BPE token.
 SHAPES: tuple[str, ...] = (

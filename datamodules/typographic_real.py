@@ -19,7 +19,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from datamodules.text_render import TextStyle, draw_word
+from xclip.datamodules.text_render import TextStyle, draw_word
 
 EXPECTED_LAYOUT = ("ROOT/annotation.json or ROOT/annotations.json mapping image file name -> {\"true object\": ..., "
                    "\"typographic attack label\": ...}, with the images in ROOT/ or ROOT/images/ "

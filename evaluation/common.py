@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.clip_backbone import ClipBackbone
+from xclip.models.clip_backbone import ClipBackbone
 
 
 class EvalModel(nn.Module):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from evaluation.common import read_json_file
+from xclip.evaluation.common import read_json_file
 
 
 NAME = "detection_ap"
@@ -61,7 +61,7 @@ def _boxes(path: Path, image: str, entries, index: dict[str, int] | None, scored
 
 
 def run(model, args) -> dict:
-    from metrics.detection import box_ap_metric, summarize_map
+    from xclip.metrics.detection import box_ap_metric, summarize_map
 
     if not args.detection_ap_dir:
         raise SystemExit(f"detection_ap: give --detection-ap-dir DIR ({LAYOUT})")
@@ -86,7 +86,7 @@ def run(model, args) -> dict:
                           "labels": torch.tensor([index[l] for l in p["labels"]], dtype=torch.long)})
         source = str(pred_path)
     else:
-        from models.detr import DetrDetector
+        from xclip.models.detr import DetrDetector
 
         label_map = json.loads(args.detection_ap_label_map) if args.detection_ap_label_map else None
         det = DetrDetector.from_pretrained(args.detection_ap_detector, classes, label_map,

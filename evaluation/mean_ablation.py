@@ -30,10 +30,10 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
 
 
 def run(model, args) -> dict:
-    from analysis.ablation import (AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads,
+    from xclip.analysis.ablation import (AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads,
                                    zero_shot_accuracy)
-    from analysis.datasets import build_classifier, load_classification
-    from analysis.decomposition import decompose_images
+    from xclip.analysis.datasets import build_classifier, load_classification
+    from xclip.analysis.decomposition import decompose_images
 
     backbone = model.backbone
     templates = [t for t in args.mean_ablation_templates.split("|") if t] if args.mean_ablation_templates else None

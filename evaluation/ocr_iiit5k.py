@@ -10,8 +10,8 @@ import argparse
 
 import torch
 
-from datamodules.iiit5k import EXPECTED_LAYOUT, load_iiit5k_folder, load_iiit5k_hf, load_large_lexicon
-from evaluation._images import encode_pil, parse_templates
+from xclip.datamodules.iiit5k import EXPECTED_LAYOUT, load_iiit5k_folder, load_iiit5k_hf, load_large_lexicon
+from xclip.evaluation._images import encode_pil, parse_templates
 
 NAME = "ocr_iiit5k"
 HELP = "IIIT5K word images classified among 50 / 1k / all-test-word lexicons (CLIP as OCR)"
@@ -38,7 +38,7 @@ def _encode_words(model, words: list[str], templates: list[str]) -> torch.Tensor
 def lexicon_scores(img: torch.Tensor, txt: torch.Tensor, vocab_index: dict[str, int],
                    lexicons: list[list[str]] | None, labels: list[str], chunk: int = 256):
     """img [N, D], txt [V, D]; lexicons: per-image candidate words (None = the whole vocabulary) -> LexiconAccuracy."""
-    from metrics.classification import LexiconAccuracy
+    from xclip.metrics.classification import LexiconAccuracy
 
     metric = LexiconAccuracy()
     for s in range(0, len(img), chunk):

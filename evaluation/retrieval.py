@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from evaluation._images import encode_pil
+from xclip.evaluation._images import encode_pil
 
 NAME = "retrieval"
 HELP = "image<->text and word-image<->string top-1/top-5 retrieval on synthetic quintuples (real vs nonsense words)"
@@ -82,9 +82,9 @@ def _prefixed(prefix: str, d: dict[str, float], rename: dict[str, str]) -> dict[
 
 
 def run(model, args) -> dict:
-    from datamodules.quintuples import QuintupleDataset, StyleConfig, WordConfig, make_image_source
-    from metrics.classification import LexiconAccuracy
-    from metrics.retrieval import bidirectional_recall
+    from xclip.datamodules.quintuples import QuintupleDataset, StyleConfig, WordConfig, make_image_source
+    from xclip.metrics.classification import LexiconAccuracy
+    from xclip.metrics.retrieval import bidirectional_recall
 
     source = make_image_source(args.retrieval_source, split=args.retrieval_split)
     canvas = args.retrieval_canvas or (64 if args.retrieval_source == "synthetic-world" else 224)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
 
 def load_maps_and_masks(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
     """-> maps [N, h, w] float, masks [N, H, W] bool, texts. Errors name the file and the key."""
-    from metrics.saliency import boxes_to_masks
+    from xclip.metrics.saliency import boxes_to_masks
 
     path = Path(path)
     if not path.is_file():
@@ -64,7 +64,7 @@ def load_maps_and_masks(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, l
 
 
 def run(model, args) -> dict:
-    from metrics.saliency import OtsuPRF, mask_prf, otsu_binarize
+    from xclip.metrics.saliency import OtsuPRF, mask_prf, otsu_binarize
 
     if not args.saliency_prf_file:
         raise SystemExit(f"saliency_prf: give --saliency-prf-file PATH ({FORMAT})")

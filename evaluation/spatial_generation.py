@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from evaluation.common import read_json_file
+from xclip.evaluation.common import read_json_file
 
 NAME = "spatial_generation"
 HELP = ("VQGAN-CLIP spatial conditioning per method: saliency P/R/F1 + relevance mass in box, optional DETR AP, "
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def load_layouts(path: str | None, size: int) -> list[list[tuple[str, tuple[float, ...], str]]]:
     """-> per layout a list of (text, (left, top, width, height), label); boxes checked against the image."""
-    from losses.spatial import box_mask
+    from xclip.losses.spatial import box_mask
 
     raw = DEFAULT_LAYOUTS if path is None else _read_layout_file(path)
     out = []
@@ -102,7 +102,7 @@ def _read_layout_file(path: str) -> list:
 def relevance_maps(backbone, image: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
     """Last-layer CLS-row image relevance (cosine score) of one image [3, H, W] in [0, 1] for each text,
     upsampled (bilinear) to the image and clamped >= 0: [K, H, W]."""
-    from models.relevance import image_relevance, patch_grid
+    from xclip.models.relevance import image_relevance, patch_grid
 
     s = backbone.image_size
     h, w = image.shape[-2:]
@@ -121,11 +121,11 @@ def mass_in_box(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def run(model, args) -> dict:
-    from generation.vqgan_clip import (METHODS, RegionPrompt, VQGANCLIPConfig, generate, load_vqgan_from_args,
+    from xclip.generation.vqgan_clip import (METHODS, RegionPrompt, VQGANCLIPConfig, generate, load_vqgan_from_args,
                                        save_image)
-    from losses.spatial import box_mask
-    from metrics.saliency import OtsuPRF
-    from utils.io import atomic_write_bytes, atomic_write_json
+    from xclip.losses.spatial import box_mask
+    from xclip.metrics.saliency import OtsuPRF
+    from xclip.utils.io import atomic_write_bytes, atomic_write_json
 
     size = args.spatial_generation_size
     methods = [m.strip() for m in args.spatial_generation_methods.split(",") if m.strip()]
@@ -166,7 +166,7 @@ def run(model, args) -> dict:
         scores = {k: float(v) for k, v in prf.compute().items()}
         scores["mass_in_box"] = float(torch.cat(masses).mean())
         if args.spatial_generation_detector:
-            from evaluation import detection_ap
+            from xclip.evaluation import detection_ap
 
             ns = argparse.Namespace(detection_ap_dir=str(mdir), detection_ap_detector=args.spatial_generation_detector,
                                     detection_ap_predictions=None,
@@ -194,8 +194,8 @@ def run(model, args) -> dict:
 
 def _text_in_image(model, args, vqgan, base, out: Path) -> dict:
     """Plain VQGAN-CLIP images with and without the model's projection W, scored by the text_in_image suite."""
-    from evaluation import text_in_image
-    from generation.vqgan_clip import RegionPrompt, generate, save_image
+    from xclip.evaluation import text_in_image
+    from xclip.generation.vqgan_clip import RegionPrompt, generate, save_image
 
     prompts = [p.strip() for p in args.spatial_generation_text_prompts.split("|") if p.strip()]
     groups = {"no_W": None}

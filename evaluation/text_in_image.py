@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from evaluation._images import IMAGE_EXTS, list_images
+from xclip.evaluation._images import IMAGE_EXTS, list_images
 
 NAME = "text_in_image"
 HELP = "rate of generated images in which tesseract OCR finds text (per confidence threshold and sub-folder)"
@@ -45,7 +45,7 @@ def collect(folder: Path, limit: int | None) -> dict[str, list[Path]]:
 
 
 def run(model, args) -> dict:
-    from metrics.text_in_image import TextDetectionRate, ocr_max_confidence, require_tesseract
+    from xclip.metrics.text_in_image import TextDetectionRate, ocr_max_confidence, require_tesseract
 
     if not args.text_in_image_dir:
         raise SystemExit(f"text_in_image: give --text-in-image-dir DIR ({LAYOUT})")

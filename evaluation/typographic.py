@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from datamodules.typographic_real import EXPECTED_LAYOUT, TypoSample, load_typographic_real, make_attacks
-from evaluation._images import class_features, encode_pil, list_images, parse_templates
+from xclip.datamodules.typographic_real import EXPECTED_LAYOUT, TypoSample, load_typographic_real, make_attacks
+from xclip.evaluation._images import class_features, encode_pil, list_images, parse_templates
 
 NAME = "typographic"
 HELP = "typographic-attack accuracy: clean vs word-attacked images (real 180-photo set, an image folder, the world)"
@@ -63,7 +63,7 @@ def _load(args) -> tuple[list[TypoSample], list[str] | None]:
         return make_attacks(images, words, seed=args.typographic_seed, size_frac=args.typographic_text_size,
                             white_box=not args.typographic_no_white_box), None
     try:
-        from datamodules import synthetic_world as sw
+        from xclip.datamodules import synthetic_world as sw
     except ImportError as e:
         raise SystemExit(f"typographic: --typographic-source world needs datamodules/synthetic_world.py ({e})")
     split = sw.typographic_split(n=args.typographic_n, seed=args.typographic_seed)
@@ -96,7 +96,7 @@ def candidate_set(samples: list[TypoSample]) -> list[str]:
 def score_typographic(samples: list[TypoSample], img: torch.Tensor, txt: torch.Tensor,
                       candidates: list[str]) -> tuple[dict, torch.Tensor]:
     """img [N, D] (sample order), txt [C, D] (candidate order) -> (metrics dict, predicted index [N])."""
-    from metrics.classification import TypographicAttackAccuracy
+    from xclip.metrics.classification import TypographicAttackAccuracy
 
     index = {c: i for i, c in enumerate(candidates)}
     scores = img @ txt.t()  # [N, C]

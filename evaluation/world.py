@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.synthetic_world import COLOURS, SHAPES, typographic_split, word_prompt, word_split
-from evaluation.common import EvalModel
+from xclip.datamodules.synthetic_world import COLOURS, SHAPES, typographic_split, word_prompt, word_split
+from xclip.evaluation.common import EvalModel
 
 NAME = "world"
 HELP = "synthetic world: clean vs. wrong-word (attacked) zero-shot accuracy, and word reading"

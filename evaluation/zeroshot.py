@@ -15,10 +15,10 @@ import logging
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.fewshot import (FewShotDataError, SplitDataset, filter_bad_images, open_source, read_classnames,
+from xclip.datamodules.fewshot import (FewShotDataError, SplitDataset, filter_bad_images, open_source, read_classnames,
                                  test_split_of)
-from evaluation.common import EvalModel
-from models.zero_shot import load_templates, zero_shot_classifier
+from xclip.evaluation.common import EvalModel
+from xclip.models.zero_shot import load_templates, zero_shot_classifier
 
 NAME = "zeroshot"
 HELP = "zero-shot (1 / 80 templates) and learned-prompt top-1 accuracy on a few-shot dataset's test split"

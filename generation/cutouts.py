@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.vqgan import clamp_with_grad
+from xclip.models.vqgan import clamp_with_grad
 
 
 def _pool(x: torch.Tensor, size: int) -> torch.Tensor:  # [B, C, H, W] -> [B, C, size, size]

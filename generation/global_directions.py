@@ -27,9 +27,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from models.clip_backbone import ClipBackbone
-from models.stylegan2 import Generator
-from utils.io import atomic_torch_save, safe_torch_load
+from xclip.models.clip_backbone import ClipBackbone
+from xclip.models.stylegan2 import Generator
+from xclip.utils.io import atomic_torch_save, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class _bar:
 
 
 def add_subcommand(subparsers) -> None:
-    from generation.styleclip_optimize import add_generator_arguments
+    from xclip.generation.styleclip_optimize import add_generator_arguments
 
     p = subparsers.add_parser("styleclip-global", help="StyleCLIP global directions (StyleSpace)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,9 +241,9 @@ def add_subcommand(subparsers) -> None:
 def run(args: argparse.Namespace) -> dict:
     from torchvision.utils import save_image
 
-    from datamodules.latents import load_latents
-    from generation.styleclip_optimize import build_models
-    from utils.io import atomic_write_json
+    from xclip.datamodules.latents import load_latents
+    from xclip.generation.styleclip_optimize import build_models
+    from xclip.utils.io import atomic_write_json
 
     if args.beta != "auto":
         try:
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
     delta = style_delta(scores, index, stats)
     with torch.no_grad():
         if latents is None:
-            from generation.styleclip_optimize import initial_latent
+            from xclip.generation.styleclip_optimize import initial_latent
 
             latents = torch.cat([initial_latent(gen, "edit", 0.7, args.seed + k) for k in range(args.n_edit)])
         s = gen.w_to_s(latents.to(gen.device))

@@ -70,11 +70,11 @@ def _sync(device: torch.device) -> None:
 def run(args: argparse.Namespace) -> dict:
     from torchvision.utils import save_image
 
-    from datamodules.latents import load_latents
-    from generation.global_directions import _bar
-    from lightning_modules.base import load_method_checkpoint
-    from lightning_modules.styleclip_mapper import StyleCLIPMapperModule
-    from utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+    from xclip.datamodules.latents import load_latents
+    from xclip.generation.global_directions import _bar
+    from xclip.lightning_modules.base import load_method_checkpoint
+    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+    from xclip.utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 
     if args.latents is None and args.n_random is None:
         raise SystemExit("give --latents FILE or --n-random N")

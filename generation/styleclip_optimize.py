@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from losses.styleclip import ClipLoss, IDLoss, latent_l2_sum
-from models.stylegan2 import Generator
+from xclip.losses.styleclip import ClipLoss, IDLoss, latent_l2_sum
+from xclip.models.stylegan2 import Generator
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class WordRelevanceLoss(torch.nn.Module):
 
     def __init__(self, clip_loss: ClipLoss, desired_words: Sequence[float]):
         super().__init__()
-        from models.relevance import text_eot_index, word_token_spans
+        from xclip.models.relevance import text_eot_index, word_token_spans
 
         self.clip_loss = clip_loss
         backbone = clip_loss.backbone
@@ -111,7 +111,7 @@ class WordRelevanceLoss(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Generator images [B, 3, S, S] -> E [B] (differentiable w.r.t. the images, second order)."""
-        from models.relevance import normalise_token_relevance, text_relevance
+        from xclip.models.relevance import normalise_token_relevance, text_relevance
 
         backbone = self.clip_loss.backbone
         tokens = self.clip_loss.tokens.to(backbone.device)
@@ -245,8 +245,8 @@ def add_generator_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_models(args: argparse.Namespace):
-    from models.clip_backbone import build_clip
-    from models.stylegan2 import build_generator
+    from xclip.models.clip_backbone import build_clip
+    from xclip.models.stylegan2 import build_generator
 
     if not args.generator_checkpoint:
         log.warning("no --generator-checkpoint: using a RANDOM %d px generator (tests/demos only)", args.generator_size)
@@ -283,9 +283,9 @@ def add_subcommand(subparsers) -> None:
 def run(args: argparse.Namespace) -> OptimizeResult:
     from torchvision.utils import save_image
 
-    from datamodules.latents import load_latents
-    from models.arcface import load_arcface
-    from utils.io import atomic_torch_save, atomic_write_json
+    from xclip.datamodules.latents import load_latents
+    from xclip.models.arcface import load_arcface
+    from xclip.utils.io import atomic_torch_save, atomic_write_json
 
     words = [float(x) for x in args.desired_words.split()] if args.desired_words else None
     cfg = OptimizeConfig(description=args.description, steps=args.steps, lr=args.lr, lr_rampup=args.lr_rampup,

@@ -14,7 +14,7 @@ Spec: styleclip_vqgan.md section 5 (VQGAN-CLIP) and ntlb_coop.md 4.3 (spatial co
                       box seen through the same cutouts; lambda_k = expl_weight / sqrt(box area ratio).
                       ``spatial_loss``: ``anchor`` (the notebook's Dice-like soft precision), ``dice`` or ``iou``.
 
-    python -m generation.vqgan_clip --vqgan_config X.yaml --vqgan_ckpt X.ckpt --backbone ViT-B-32 \
+    python -m xclip.generation.vqgan_clip --vqgan_config X.yaml --vqgan_ckpt X.ckpt --backbone ViT-B-32 \
         --pretrained openai --region "0,0,128,256=a dog" --region "160,64,96,96=a ball" --method explainability \
         --width 256 --height 256 --steps 1000 --out runs/vqgan/dog_ball
 """
@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from generation.cutouts import MakeCutouts
-from losses.spatial import SPATIAL_KINDS, box_mask, spatial_relevance_loss
-from models.vqgan import VQGAN, replace_grad
+from xclip.generation.cutouts import MakeCutouts
+from xclip.losses.spatial import SPATIAL_KINDS, box_mask, spatial_relevance_loss
+from xclip.models.vqgan import VQGAN, replace_grad
 
 METHODS: tuple[str, ...] = ("plain", "textual", "similarity", "similarity2", "explainability")
 
@@ -248,7 +248,7 @@ def generate(vqgan: VQGAN, backbone, prompts: Sequence[RegionPrompt], cfg: VQGAN
     opt = torch.optim.Adam([z], lr=cfg.lr)
 
     if cfg.method == "explainability":
-        from models.relevance import image_relevance
+        from xclip.models.relevance import image_relevance
     out = Path(out_dir) if out_dir is not None else None
     history: list[dict[str, float]] = []
     t0 = time.time()
@@ -336,7 +336,7 @@ def save_image(img: torch.Tensor, path: str | Path, comment: str | None = None) 
 
     from PIL import Image, PngImagePlugin
 
-    from utils.io import atomic_write_bytes
+    from xclip.utils.io import atomic_write_bytes
 
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     info = PngImagePlugin.PngInfo()
@@ -348,7 +348,7 @@ def save_image(img: torch.Tensor, path: str | Path, comment: str | None = None) 
 
 
 def save_result(res: GenerationResult, cfg: VQGANCLIPConfig, out: str | Path) -> None:
-    from utils.io import atomic_torch_save, atomic_write_json
+    from xclip.utils.io import atomic_torch_save, atomic_write_json
 
     out = Path(out)
     prompt_text = " | ".join(f"{p.text}@{p.bbox}" if p.bbox else p.text for p in res.prompts)
@@ -403,7 +403,7 @@ def config_from_args(args: argparse.Namespace) -> VQGANCLIPConfig:
 
 
 def load_vqgan_from_args(config: str | None, ckpt: str | None, device: str = "cpu") -> VQGAN:
-    from models.vqgan import load_vqgan, tiny_vqgan
+    from xclip.models.vqgan import load_vqgan, tiny_vqgan
 
     if config in (None, "tiny"):
         if ckpt:
@@ -413,7 +413,7 @@ def load_vqgan_from_args(config: str | None, ckpt: str | None, device: str = "cp
 
 
 def run_cli(args: argparse.Namespace) -> GenerationResult:
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     cfg = config_from_args(args)
     cfg.validate()
@@ -423,7 +423,7 @@ def run_cli(args: argparse.Namespace) -> GenerationResult:
     backbone = build_clip(args.backbone, args.pretrained, device=args.device).freeze()
     projection = None
     if args.projection:
-        from lightning_modules.spelling import load_projection
+        from xclip.lightning_modules.spelling import load_projection
 
         projection = load_projection(args.projection, expected_backbone=backbone.spec()).to(args.device)
     res = generate(vqgan, backbone, prompts, cfg, out_dir=args.out, progress=not args.no_progress,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.clip_backbone import ClipBackbone
+from xclip.models.clip_backbone import ClipBackbone
 
 
 @dataclass
@@ -326,7 +326,7 @@ def load_language_model(name_or_dir: str = "gpt2-medium", device: str | torch.de
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 def add_subcommand(subparsers) -> None:
-    """`python generate.py zerocap ...` (also `python -m generation.zerocap ...`)."""
+    """`python generate.py zerocap ...` (also `python -m xclip.generation.zerocap ...`)."""
     p = subparsers.add_parser("zerocap", help="ZeroCap: CLIP-guided zero-shot captioning / visual arithmetic")
     _add_arguments(p)
     p.set_defaults(func=run_cli)
@@ -374,8 +374,8 @@ def run_cli(args) -> dict:
     from PIL import Image
     from rich.progress import track
 
-    from models.clip_backbone import build_clip
-    from utils.io import atomic_write_json
+    from xclip.models.clip_backbone import build_clip
+    from xclip.utils.io import atomic_write_json
 
     torch.manual_seed(args.seed)
     overrides = {k: getattr(args, k) for k in ZeroCapConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
@@ -416,7 +416,7 @@ def run_cli(args) -> dict:
     if args.wandb:
         import wandb
 
-        from utils.wandb_setup import ensure_wandb_mode
+        from xclip.utils.wandb_setup import ensure_wandb_mode
 
         ensure_wandb_mode()
         run = wandb.init(project="xclip-zerocap", config=cfg.__dict__, job_type="caption")

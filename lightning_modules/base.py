@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import pytorch_lightning as pl
 import torch
 
-from models.clip_backbone import ClipBackbone, build_clip
-from utils.io import safe_torch_load
+from xclip.models.clip_backbone import ClipBackbone, build_clip
+from xclip.utils.io import safe_torch_load
 
 FROZEN_PREFIX = "backbone."
 T = TypeVar("T", bound=pl.LightningModule)

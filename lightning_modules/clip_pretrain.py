@@ -1,7 +1,7 @@
 """Contrastive pretraining of a (tiny) open_clip CLIP on the built-in synthetic world.
 
     python train.py fit --config configs/world/pretrain_tiny_clip.yaml
-    python -m lightning_modules.clip_pretrain export runs/world_pretrain/checkpoints/last.ckpt   # -> checkpoints/
+    python -m xclip.lightning_modules.clip_pretrain export runs/world_pretrain/checkpoints/last.ckpt   # -> checkpoints/
 
 Unlike the methods on a frozen backbone, everything here is learned, so the Lightning checkpoint keeps the full
 CLIP. ``export_clip_weights`` turns it into the shipped open_clip state dict (fp16) that
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from datamodules.synthetic_world import SHAPES, class_prompts, word_prompt
-from models.clip_backbone import REPO_ROOT, build_clip
-from utils.io import atomic_torch_save, atomic_write_bytes, safe_torch_load
+from xclip.datamodules.synthetic_world import SHAPES, class_prompts, word_prompt
+from xclip.models.clip_backbone import REPO_ROOT, build_clip
+from xclip.utils.io import atomic_torch_save, atomic_write_bytes, safe_torch_load
 
 MODEL_PREFIX = "clip.model."
 
@@ -184,7 +184,7 @@ def render_card(info: dict[str, Any]) -> str:
     lines = ["# tiny_clip_world.pt", "",
              "A tiny open_clip CLIP (`tiny-vit-world`) pretrained from scratch on the built-in synthetic world "
              "(datamodules/synthetic_world.py) by `python train.py fit --config configs/world/pretrain_tiny_clip.yaml`,"
-             " exported with `python -m lightning_modules.clip_pretrain export <last.ckpt>` (fp16 state dict; "
+             " exported with `python -m xclip.lightning_modules.clip_pretrain export <last.ckpt>` (fp16 state dict; "
              "`build_clip('tiny-vit-world', 'synthetic-world')` loads it into the fp32 model).", "",
              "```json", json.dumps(info, indent=2, default=str), "```", ""]
     return "\n".join(lines)

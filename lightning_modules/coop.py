@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.base import FrozenBackboneModule
-from models.prompt_learner import PromptLearner
+from xclip.lightning_modules.base import FrozenBackboneModule
+from xclip.models.prompt_learner import PromptLearner
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class CoOp(FrozenBackboneModule):
         out: dict[str, torch.Tensor] = {}
         text_feats = None
         if self.hparams.expl_weight > 0:
-            from losses.explainability import coop_expl_loss
+            from xclip.losses.explainability import coop_expl_loss
 
             embeds, eot = pl_()  # [C, L, W], [C]
             expl, scores, text_feats = coop_expl_loss(
@@ -160,7 +160,7 @@ class CoOp(FrozenBackboneModule):
         every = self.hparams.log_relevance_every_n_epochs
         if not every or (self.current_epoch + 1) % every or not self.trainer.is_global_zero:
             return
-        if importlib.util.find_spec("models.relevance_viz") is None:
+        if importlib.util.find_spec("xclip.models.relevance_viz") is None:
             return
         try:
             self._log_relevance_table()
@@ -171,8 +171,8 @@ class CoOp(FrozenBackboneModule):
         """W&B table of the class-name share of the EOT relevance for a few training images."""
         from pytorch_lightning.loggers import WandbLogger
 
-        from losses.explainability import classname_scores
-        from models.relevance import text_relevance_from_embeddings
+        from xclip.losses.explainability import classname_scores
+        from xclip.models.relevance import text_relevance_from_embeddings
 
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers:

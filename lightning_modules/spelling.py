@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.base import FrozenBackboneModule
-from losses.contrastive import PAIRS, resolve_weights, spelling_objective
-from metrics.spelling import PairedRetrieval, ZeroShotTop1
-from utils.io import safe_torch_load
+from xclip.lightning_modules.base import FrozenBackboneModule
+from xclip.losses.contrastive import PAIRS, resolve_weights, spelling_objective
+from xclip.metrics.spelling import PairedRetrieval, ZeroShotTop1
+from xclip.utils.io import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def fit_on_features(module: SpellingProjection, train_features: dict, val_featur
     """
     import pytorch_lightning as pl
 
-    from datamodules.feature_cache import CachedFeatureDataModule
+    from xclip.datamodules.feature_cache import CachedFeatureDataModule
 
     dm = CachedFeatureDataModule(train_features, val_features, batch_size)
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger,

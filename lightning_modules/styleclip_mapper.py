@@ -19,13 +19,13 @@ from typing import Any, Literal
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from datamodules.latents import n_latent_for
-from lightning_modules.base import FrozenBackboneModule
-from losses.styleclip import ClipLoss, IDLoss, latent_mse
-from models.arcface import load_arcface
-from models.mapper import RESIDUAL_SCALE, LevelsMapper
-from models.stylegan2 import build_generator
-from utils.optim import Ranger
+from xclip.datamodules.latents import n_latent_for
+from xclip.lightning_modules.base import FrozenBackboneModule
+from xclip.losses.styleclip import ClipLoss, IDLoss, latent_mse
+from xclip.models.arcface import load_arcface
+from xclip.models.mapper import RESIDUAL_SCALE, LevelsMapper
+from xclip.models.stylegan2 import build_generator
+from xclip.utils.optim import Ranger
 
 NOT_CHECKPOINTED = ("generator.", "id_loss.")
 OPTIMIZERS = ("ranger", "adam")

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from models.relevance import normalise_token_relevance, text_relevance_from_embeddings
+from xclip.models.relevance import normalise_token_relevance, text_relevance_from_embeddings
 
 
 def classname_scores(relevance: torch.Tensor, eot_index: torch.Tensor, name_mask: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.arcface import IDLoss  # noqa: F401  (re-export)
-from models.clip_backbone import ClipBackbone
+from xclip.models.arcface import IDLoss  # noqa: F401  (re-export)
+from xclip.models.clip_backbone import ClipBackbone
 
 
 @lru_cache(maxsize=32)

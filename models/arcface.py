@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.io import safe_torch_load
+from xclip.utils.io import safe_torch_load
 
 # (in_channel, depth, units) per stage for 50 layers; the first unit of each stage has stride 2
 IR50_STAGES: list[tuple[int, int, int]] = [(64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3)]

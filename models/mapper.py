@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.stylegan2 import EqualLinear, PixelNorm
-from utils.io import safe_torch_load
+from xclip.models.stylegan2 import EqualLinear, PixelNorm
+from xclip.utils.io import safe_torch_load
 
 LEVEL_SLICES = {"coarse": (0, 4), "medium": (4, 8), "fine": (8, None)}
 RESIDUAL_SCALE = 0.1

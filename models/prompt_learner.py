@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.clip_backbone import ClipBackbone
+from xclip.models.clip_backbone import ClipBackbone
 
 log = logging.getLogger(__name__)
 POSITIONS = ("end", "middle", "front")
@@ -163,7 +163,7 @@ class PromptLearner(nn.Module):
         sequence is cut to ``max(eot) + 1`` tokens: the same features (to float rounding) for a fraction of the
         cost (about 21 of 77 tokens for M=16 and short class names).
         """
-        from models.relevance import encode_text_from_embeddings
+        from xclip.models.relevance import encode_text_from_embeddings
 
         embeds, eot = self(classnames)
         if _causal_text_tower(self.backbone.model):

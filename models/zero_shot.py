@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from models.clip_backbone import ClipBackbone
+from xclip.models.clip_backbone import ClipBackbone
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "coop"
 SINGLE_TEMPLATE = "a photo of a {}."

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.base import FrozenBackboneModule
+from xclip.lightning_modules.base import FrozenBackboneModule
 
 
 class ToyProjection(FrozenBackboneModule):

@@ -25,7 +25,7 @@ def _isolate(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_backbone():
     """A random tiny open_clip (32 px, 2+2 layers); shared, so tests must not modify it."""
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     torch.manual_seed(0)
     return build_clip("tiny-vit-test").freeze()

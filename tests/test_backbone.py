@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from models.clip_backbone import TINY_CONFIG_DIR, BackboneError, build_clip
+from xclip.models.clip_backbone import TINY_CONFIG_DIR, BackboneError, build_clip
 
 
 def test_tiny_model_encodes(tiny_backbone):

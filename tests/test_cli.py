@@ -3,18 +3,18 @@ import pytest
 import torch
 import yaml
 
-import evaluate
-import train
-from lightning_modules.base import load_method_checkpoint
-from tests._toy_methods import OtherToy, ToyProjection
-from utils.io import AtomicCheckpointIO
+from xclip import evaluate
+from xclip import train
+from xclip.lightning_modules.base import load_method_checkpoint
+from _toy_methods import OtherToy, ToyProjection
+from xclip.utils.io import AtomicCheckpointIO
 
 TOY_CONFIG = {
     "seed_everything": 0,
     "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": 1, "logger": False,
                 "enable_progress_bar": False, "enable_model_summary": False},
-    "model": {"class_path": "tests._toy_methods.ToyProjection", "init_args": {"k": 8}},
-    "data": {"class_path": "tests._toy_methods.ToyData", "init_args": {"n": 8}},
+    "model": {"class_path": "_toy_methods.ToyProjection", "init_args": {"k": 8}},
+    "data": {"class_path": "_toy_methods.ToyData", "init_args": {"n": 8}},
 }
 
 
@@ -38,7 +38,7 @@ def test_fit_writes_slim_checkpoint_that_evaluate_can_rebuild(toy_config, tmp_pa
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert set(ckpt["state_dict"]) == {"W"}  # the frozen CLIP is not saved
     assert ckpt["backbone"] == {"name": "tiny-vit-test", "pretrained": None}
-    assert ckpt["method"] == "tests._toy_methods.ToyProjection"
+    assert ckpt["method"] == "_toy_methods.ToyProjection"
     module = load_method_checkpoint(ckpt_path, expected=ToyProjection)
     assert torch.equal(module.W, cli.model.W.detach())
     assert (tmp_path / "run" / "config.yaml").is_file()  # resolved config saved beside the run
@@ -92,7 +92,7 @@ def test_evaluate_unknown_suite_lists_valid_ones():
 
 
 def test_wandb_falls_back_to_offline(monkeypatch, tmp_path):
-    from utils.wandb_setup import ensure_wandb_mode
+    from xclip.utils.wandb_setup import ensure_wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import train
+from xclip import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")

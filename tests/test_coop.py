@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.coop import CoOp, warmup_cosine_factor
-from losses.explainability import _chunk_loss, classname_scores, coop_expl_loss, ntlb_expl_loss
-from models.prompt_learner import PromptLearner
-from models.zero_shot import load_templates, zero_shot_classifier
-from tests.coop_data import make_colour_folder
+from xclip.lightning_modules.coop import CoOp, warmup_cosine_factor
+from xclip.losses.explainability import _chunk_loss, classname_scores, coop_expl_loss, ntlb_expl_loss
+from xclip.models.prompt_learner import PromptLearner
+from xclip.models.zero_shot import load_templates, zero_shot_classifier
+from coop_data import make_colour_folder
 
 NAMES = ["dog", "hot dog", "traffic_light"]
 REPO = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_expl_gradient_reaches_context_and_chunking_is_exact(one_thread):
 
 
 def test_checkpoint_round_trip_and_class_text_features(tmp_path):
-    from lightning_modules.base import load_method_checkpoint
+    from xclip.lightning_modules.base import load_method_checkpoint
     import pytorch_lightning as pl
 
     torch.manual_seed(0)  # the random tiny backbone is rebuilt from the same seed below
@@ -157,8 +157,8 @@ def test_zero_shot_templates(tiny_backbone):
 
 def test_coop_beats_zero_shot_end_to_end(tmp_path, monkeypatch, one_thread):
     """train.py fit on the tiny config, then evaluate.py --suite zeroshot on the checkpoint."""
-    import evaluate
-    import train
+    from xclip import evaluate
+    from xclip import train
 
     root = make_colour_folder(tmp_path / "colours", n_train=8, n_test=10)
     monkeypatch.chdir(tmp_path)
@@ -179,7 +179,7 @@ def test_coop_beats_zero_shot_end_to_end(tmp_path, monkeypatch, one_thread):
 def _anchor_expl_loss(m, x, y):
     """The anchor's formulation (spec §3.3): per image, the image repeated K times through the image tower,
     full-length prompts, one autograd.grad per text layer, full (K, L, L) relevance products."""
-    from models.relevance import capture_attention, encode_text_from_embeddings
+    from xclip.models.relevance import capture_attention, encode_text_from_embeddings
 
     pl = m.prompt_learner
     embeds, eot = pl()
@@ -239,7 +239,7 @@ def test_expl_loss_applied_under_mixed_precision(one_thread):
 def test_train_cli_with_expl_config(tmp_path, monkeypatch, one_thread):
     """train.py fit --config configs/coop/tiny_test_expl.yaml on one device (anchor defect §3.5.1: lambda read
     through `.module`, which crashes without DataParallel); the checkpoint holds the context only."""
-    import train
+    from xclip import train
 
     root = make_colour_folder(tmp_path / "colours", n_train=8, n_test=2)
     monkeypatch.chdir(tmp_path)
@@ -269,7 +269,7 @@ def _train_manual(expl_weight, X, Y, classnames, steps=20, lr=0.02):
 
 
 def _gt_score(m, X, Y):
-    from models.relevance import text_relevance_from_embeddings
+    from xclip.models.relevance import text_relevance_from_embeddings
 
     pl = m.prompt_learner
     embeds, eot = pl()
@@ -289,7 +289,7 @@ def _train_test_tensors(dm):
 
 
 def test_expl_loss_raises_gt_classname_relevance(tmp_path, one_thread):
-    from datamodules.fewshot import FewShotDataModule
+    from xclip.datamodules.fewshot import FewShotDataModule
 
     root = make_colour_folder(tmp_path / "colours", n_train=8, n_test=6)
     dm = FewShotDataModule(f"imagefolder:{root}", shots=8, data_dir=str(tmp_path / "d"), image_size=32,
@@ -307,8 +307,8 @@ def test_world_clip_coop_beats_template_and_expl_raises_score(tmp_path, one_thre
     ckpt = REPO / "checkpoints" / "tiny_clip_world.pt"
     if not ckpt.is_file():
         pytest.skip(f"{ckpt} not trained yet")
-    from datamodules.fewshot import FewShotDataModule
-    from tests.coop_data import make_world_folder
+    from xclip.datamodules.fewshot import FewShotDataModule
+    from coop_data import make_world_folder
 
     shapes = ["circle", "square", "triangle", "star", "heart", "cross"]
     size = CoOp("tiny-vit-world", "synthetic-world", classnames=shapes, n_ctx=4).backbone.image_size

@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from models.clip_backbone import SHIPPED_WEIGHTS
+from xclip.models.clip_backbone import SHIPPED_WEIGHTS
 
 SHIPPED = SHIPPED_WEIGHTS[("tiny-vit-world", "synthetic-world")]
 
 
 def test_demo_smoke(tmp_path):
-    import demo
+    from xclip import demo
 
     res = demo.main(["--out", str(tmp_path), "--pretrained", "none", "--fast", "--no-wandb",
                      "--n-train", "64", "--n-val", "32", "--n-attack", "20", "--epochs", "1"])
@@ -25,7 +25,7 @@ def test_demo_smoke(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.is_file(), reason=f"shipped tiny CLIP {SHIPPED} missing")
 def test_demo_forget_to_spell_fixes_typographic_attacks(tmp_path):
-    import demo
+    from xclip import demo
 
     res = demo.main(["--out", str(tmp_path), "--no-wandb"])
     s = res["summary"]
@@ -40,10 +40,10 @@ def test_direction_on_shipped_backbone(tmp_path):
 
     (Word-retrieval metrics are at chance for intermediate world CLIPs, so the word side is asserted only when the
     baseline reads words at all.)"""
-    import demo
+    from xclip import demo
     import pytorch_lightning as pl
 
-    from lightning_modules.spelling import SpellingProjection, evaluate_features, fit_on_features
+    from xclip.lightning_modules.spelling import SpellingProjection, evaluate_features, fit_on_features
 
     args = demo.parse_args(["--out", str(tmp_path), "--n-train", "1000", "--n-val", "300"])
     module = SpellingProjection("tiny-vit-world", "synthetic-world", k=64, preset="forget_to_spell", lr=3e-3,

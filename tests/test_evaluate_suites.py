@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
-from datamodules.iiit5k import write_iiit5k_folder
-from datamodules.text_render import TextStyle, draw_word
+from xclip import evaluate
+from xclip.datamodules.iiit5k import write_iiit5k_folder
+from xclip.datamodules.text_render import TextStyle, draw_word
 
 BASE = ["--backbone", "tiny-vit-test", "--device", "cpu"]
 
@@ -70,8 +70,8 @@ def test_typographic_errors_name_the_layout(tmp_path):
 
 def test_typographic_scoring_oracle_features():
     """Features constructed so clean images read their object and attacked ones read the word."""
-    from datamodules.typographic_real import TypoSample
-    from evaluation.typographic import candidate_set, score_typographic
+    from xclip.datamodules.typographic_real import TypoSample
+    from xclip.evaluation.typographic import candidate_set, score_typographic
 
     samples = [TypoSample(None, "cup", None), TypoSample(None, "cup", "good"), TypoSample(None, "dog", None),
                TypoSample(None, "dog", "cup")]
@@ -85,8 +85,8 @@ def test_typographic_scoring_oracle_features():
 
 def test_typographic_imagefolder_with_projection(tmp_path, tiny_backbone):
     """The generator path on an image folder, through an EvalModel carrying a projection W."""
-    from evaluation import typographic
-    from evaluation.common import EvalModel
+    from xclip.evaluation import typographic
+    from xclip.evaluation.common import EvalModel
 
     for cls, colour in (("apple", "red"), ("sky", "blue")):
         (tmp_path / cls).mkdir()
@@ -148,7 +148,7 @@ def test_ocr_iiit5k_local_layout(tmp_path):
 
 
 def test_ocr_lexicon_scoring_perfect_and_mix():
-    from evaluation.ocr_iiit5k import lexicon_scores
+    from xclip.evaluation.ocr_iiit5k import lexicon_scores
 
     vocab = ["a", "b", "c"]
     idx = {w: i for i, w in enumerate(vocab)}
@@ -170,7 +170,7 @@ def test_ocr_iiit5k_missing_layout_errors(tmp_path):
 
 # ---- saliency -------------------------------------------------------------------------------------------
 def test_saliency_prf_suite_perfect_and_mix(tmp_path):
-    from metrics.saliency import boxes_to_masks
+    from xclip.metrics.saliency import boxes_to_masks
 
     boxes = torch.tensor([[8.0, 8.0, 24.0, 24.0], [0.0, 0.0, 16.0, 32.0]])
     maps = boxes_to_masks(boxes, 32, 32).float()[:, ::4, ::4] + 0.01 * torch.rand(2, 8, 8)  # 8x8 maps
@@ -209,7 +209,7 @@ def test_text_in_image_rates(tmp_path):
 
 
 def test_text_in_image_missing_tesseract_names_apt_package(tmp_path, monkeypatch):
-    import metrics.text_in_image as tii
+    import xclip.metrics.text_in_image as tii
 
     _write_text_folder(tmp_path / "gen")
     monkeypatch.setattr(tii.shutil, "which", lambda name: None)
@@ -246,7 +246,7 @@ def test_detection_ap_from_predictions(tmp_path):
 def test_detection_ap_tiny_detr_local_dir(tmp_path):
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
 
-    from models.detr import DetrDetector
+    from xclip.models.detr import DetrDetector
 
     torch.manual_seed(0)
     cfg = DetrConfig(backbone_config=ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128],

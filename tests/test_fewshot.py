@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from datamodules.fewshot import FewShotDataError, FewShotDataModule, read_classnames, resolve_fewshot
-from tests.coop_data import make_colour_folder
+from xclip.datamodules.fewshot import FewShotDataError, FewShotDataModule, read_classnames, resolve_fewshot
+from coop_data import make_colour_folder
 
 
 @pytest.fixture

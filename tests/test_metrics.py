@@ -6,11 +6,11 @@ import pytest
 import torch
 from skimage.filters import threshold_otsu
 
-from metrics.classification import LexiconAccuracy, TypographicAttackAccuracy, masked_top1
-from metrics.detection import box_ap_metric, summarize_map
-from metrics.retrieval import RetrievalRecall, bidirectional_recall, retrieval_hits
-from metrics.saliency import OtsuPRF, boxes_to_masks, mask_prf, otsu_threshold
-from metrics.text_in_image import TextDetectionRate
+from xclip.metrics.classification import LexiconAccuracy, TypographicAttackAccuracy, masked_top1
+from xclip.metrics.detection import box_ap_metric, summarize_map
+from xclip.metrics.retrieval import RetrievalRecall, bidirectional_recall, retrieval_hits
+from xclip.metrics.saliency import OtsuPRF, boxes_to_masks, mask_prf, otsu_threshold
+from xclip.metrics.text_in_image import TextDetectionRate
 
 
 # ---- retrieval ------------------------------------------------------------------------------------------

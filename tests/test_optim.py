@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from utils.optim import Lookahead, Ranger
+from xclip.utils.optim import Lookahead, Ranger
 
 
 def _sgd_quadratic(x0: list[float], steps: int, k: int = 6, alpha: float = 0.5, lr: float = 0.1):

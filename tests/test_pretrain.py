@@ -41,8 +41,8 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
 def test_a_few_steps_lower_the_loss():
     import pytorch_lightning as pl
 
-    from datamodules.synthetic_world import SyntheticWorldDataModule, collate
-    from lightning_modules.clip_pretrain import ClipPretrain
+    from xclip.datamodules.synthetic_world import SyntheticWorldDataModule, collate
+    from xclip.lightning_modules.clip_pretrain import ClipPretrain
 
     pl.seed_everything(0)
     dm = SyntheticWorldDataModule(seed=0, train_length=32, val_size=8, batch_size=16, image_size=32)
@@ -105,9 +105,9 @@ def _card_metrics() -> dict:
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="checkpoints/tiny_clip_world.pt not built yet")
 def test_shipped_checkpoint_reads_and_is_fooled_by_words():
-    from evaluation import world
-    from evaluation.common import EvalModel
-    from models.clip_backbone import build_clip
+    from xclip.evaluation import world
+    from xclip.evaluation.common import EvalModel
+    from xclip.models.clip_backbone import build_clip
 
     model = EvalModel(build_clip("tiny-vit-world", "synthetic-world"))
     typo = world.typographic_metrics(model, n=200, seed=1234)
@@ -124,10 +124,10 @@ def test_pretraining_config_reproduces_the_shipped_metrics(tmp_path):
     """Re-runs configs/world/pretrain_tiny_clip.yaml (tens of minutes on 2 cores) and compares the world suite."""
     import argparse
 
-    from evaluation import world
-    from evaluation.common import EvalModel
-    from lightning_modules.clip_pretrain import export_clip_weights
-    from models.clip_backbone import build_clip
+    from xclip.evaluation import world
+    from xclip.evaluation.common import EvalModel
+    from xclip.lightning_modules.clip_pretrain import export_clip_weights
+    from xclip.models.clip_backbone import build_clip
 
     cfg = REPO / "configs" / "world" / "pretrain_tiny_clip.yaml"
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(cfg), "--trainer.logger=false",

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.relevance import (RelevanceError, capture_attention, encode_text_from_embeddings, image_relevance,
+from xclip.models.relevance import (RelevanceError, capture_attention, encode_text_from_embeddings, image_relevance,
                               normalise_token_relevance, patch_grid, text_eot_index, text_relevance,
                               text_relevance_from_embeddings, word_relevance, word_token_spans, words_token_mask)
 
@@ -55,7 +55,7 @@ def reference_all(backbone, images, tokens, tower, start_layer, score="logit"):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     torch.manual_seed(0)
     return build_clip("tiny-vit-test").freeze()
@@ -122,7 +122,7 @@ def test_cosine_score_differs_from_logit(tiny, inputs):
 
 @pytest.mark.slow
 def test_vit_b32_parity():
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     torch.manual_seed(0)
     bb = build_clip("ViT-B-32").freeze()
@@ -184,7 +184,7 @@ def _directional_check(fn, x: torch.Tensor, n_dirs: int = 2, eps: float = 1e-6) 
 
 @pytest.fixture(scope="module")
 def tiny64():
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     torch.manual_seed(0)
     return build_clip("tiny-vit-test").freeze().double()
@@ -217,7 +217,7 @@ def test_create_graph_embedding_gradients_match_finite_differences(tiny64):
 
 def test_create_graph_false_gradient_is_first_order_path(tiny64):
     """create_graph=False: d loss / d embeds equals the finite difference with G frozen at its current value."""
-    from models.relevance import rollout_row
+    from xclip.models.relevance import rollout_row
 
     model = tiny64.model
     tokens = tiny64.tokenize(TEXTS[:2])
@@ -342,7 +342,7 @@ def test_bad_inputs(tiny, inputs):
 def test_viz_returns_pil_images(tiny, inputs):
     from PIL import Image
 
-    from models.relevance_viz import overlay_relevance, token_heat_strip, token_strings
+    from xclip.models.relevance_viz import overlay_relevance, token_heat_strip, token_strings
 
     images, tokens = inputs
     rel = image_relevance(tiny, images, tokens)  # [2, 3, 16]

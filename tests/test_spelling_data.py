@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageChops
 
-from datamodules.quintuples import (ImageFolderSource, QuintupleDataset, StyleConfig, SyntheticWorldSource,
+from xclip.datamodules.quintuples import (ImageFolderSource, QuintupleDataset, StyleConfig, SyntheticWorldSource,
                                     WordConfig, WordSampler, class_prompt, word_split)
 
 
@@ -100,7 +100,7 @@ def test_too_few_images(folder):
 
 # ---- feature cache --------------------------------------------------------------------------------------
 def test_feature_cache_hit_and_key(folder, tmp_path, tiny_backbone, monkeypatch):
-    import datamodules.feature_cache as fc
+    import xclip.datamodules.feature_cache as fc
 
     ds = QuintupleDataset(ImageFolderSource(folder), "train", n=4, canvas_size=64)
     feats = fc.cached_quintuple_features(tiny_backbone, ds, tmp_path / "cache", progress=False)
@@ -116,8 +116,8 @@ def test_feature_cache_hit_and_key(folder, tmp_path, tiny_backbone, monkeypatch)
 
 def test_train_py_tiny_config(tmp_path, monkeypatch):
     """train.py fit on the tiny config (world quintuples, random tiny-vit-test), then evaluate.py's loader."""
-    import train
-    from lightning_modules.spelling import load_projection
+    from xclip import train
+    from xclip.lightning_modules.spelling import load_projection
 
     monkeypatch.chdir(tmp_path)
     import pathlib

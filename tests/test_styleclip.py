@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.stylegan2 import (Generator, GeneratorCheckpointError, build_generator, load_generator,
+from xclip.models.stylegan2 import (Generator, GeneratorCheckpointError, build_generator, load_generator,
                               load_generator_state, make_kernel)
 
 TINY = dict(size=32, style_dim=64, n_mlp=2, channel_multiplier=2, channel_max=16)
@@ -136,7 +136,7 @@ def test_generator_checkpoint_of_wrong_resolution_is_rejected(tmp_path):
 
 
 def test_generator_api_truncation_noise_stylespace():
-    from models.stylegan2 import NoiseInjection
+    from xclip.models.stylegan2 import NoiseInjection
 
     gen = build_generator(None, **TINY)
     with torch.no_grad():  # fresh noise strengths are 0; make noise visible
@@ -166,14 +166,14 @@ def test_stylespace_dimensions_at_1024():
     gen = Generator(1024)  # ~0.3 s to build on CPU
     assert gen.s_dims == [512] * 15 + [256] * 3 + [128] * 3 + [64] * 3 + [32] * 2 and sum(gen.s_dims) == 9088
     assert gen.torgb_s_indices == list(range(1, 26, 3)) and gen.n_latent == 18 and gen.num_layers == 17
-    from generation.global_directions import relevance_layers
+    from xclip.generation.global_directions import relevance_layers
 
     layers = relevance_layers(gen)
     assert layers == [0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15] and sum(gen.s_dims[j] for j in layers) == 5376
 
 
 def test_upsample_preserves_constant_images():
-    from models.stylegan2 import Upsample, upfirdn2d
+    from xclip.models.stylegan2 import Upsample, upfirdn2d
 
     up = Upsample([1, 3, 3, 1])
     out = up(torch.ones(1, 2, 8, 8))
@@ -186,7 +186,7 @@ def test_upsample_preserves_constant_images():
 # ---- losses -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size,out", [(32, 32), (64, 32), (64, 224), (256, 224)])
 def test_styleclip_resize_equals_upsample_then_pool(size, out):
-    from losses.styleclip import styleclip_resize
+    from xclip.losses.styleclip import styleclip_resize
 
     x = torch.randn(2, 3, size, size)
     literal = F.adaptive_avg_pool2d(F.interpolate(x, scale_factor=7, mode="nearest"), out)
@@ -194,7 +194,7 @@ def test_styleclip_resize_equals_upsample_then_pool(size, out):
 
 
 def test_arcface_loads_ir_se50_state_dict_strictly(tmp_path):
-    from models.arcface import IRSE50, load_arcface
+    from xclip.models.arcface import IRSE50, load_arcface
 
     shapes = irse50_shapes()
     g = torch.Generator().manual_seed(0)
@@ -215,8 +215,8 @@ def test_arcface_loads_ir_se50_state_dict_strictly(tmp_path):
 
 
 def test_identity_loss_zero_for_identical_images_and_positive_otherwise():
-    from models.arcface import IRSE50, arcface_preprocess
-    from losses.styleclip import IDLoss
+    from xclip.models.arcface import IRSE50, arcface_preprocess
+    from xclip.losses.styleclip import IDLoss
 
     torch.manual_seed(0)
     net = IRSE50(stages=[(16, 16, 1), (16, 32, 1), (32, 32, 1), (32, 64, 1)], embed_dim=32)
@@ -228,7 +228,7 @@ def test_identity_loss_zero_for_identical_images_and_positive_otherwise():
 
 
 def test_clip_loss_is_one_minus_cosine(tiny_backbone):
-    from losses.styleclip import ClipLoss
+    from xclip.losses.styleclip import ClipLoss
 
     loss = ClipLoss(tiny_backbone, "a person with purple hair")
     img = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -240,7 +240,7 @@ def test_clip_loss_is_one_minus_cosine(tiny_backbone):
 
 # ---- optimisation ---------------------------------------------------------------------------------------------
 def test_lr_schedule_matches_spec():
-    from generation.styleclip_optimize import get_lr
+    from xclip.generation.styleclip_optimize import get_lr
 
     lrs = [get_lr(i / 300, 0.1) for i in range(300)]
     assert lrs[0] == 0 and abs(lrs[5] - 0.0333) < 1e-3 and all(abs(v - 0.1) < 1e-9 for v in lrs[15:226])
@@ -249,8 +249,8 @@ def test_lr_schedule_matches_spec():
 
 @pytest.fixture()
 def tiny_setup(tiny_backbone):
-    from generation.styleclip_optimize import initial_latent
-    from losses.styleclip import ClipLoss
+    from xclip.generation.styleclip_optimize import initial_latent
+    from xclip.losses.styleclip import ClipLoss
 
     gen = build_generator(None, **TINY)
     clip = ClipLoss(tiny_backbone, "a person with purple hair")
@@ -258,7 +258,7 @@ def tiny_setup(tiny_backbone):
 
 
 def test_optimisation_lowers_clip_loss(tiny_setup):
-    from generation.styleclip_optimize import OptimizeConfig, optimize_latent
+    from xclip.generation.styleclip_optimize import OptimizeConfig, optimize_latent
 
     gen, clip, w0 = tiny_setup
     res = optimize_latent(gen, clip, w0, OptimizeConfig(steps=20), progress=False)
@@ -276,7 +276,7 @@ def test_optimisation_lowers_clip_loss(tiny_setup):
 
 
 def test_word_relevance_loss_weights_gradients_and_all_marked_guard(tiny_setup, caplog):
-    from generation.styleclip_optimize import OptimizeConfig, WordRelevanceLoss, optimize_latent
+    from xclip.generation.styleclip_optimize import OptimizeConfig, WordRelevanceLoss, optimize_latent
 
     gen, clip, w0 = tiny_setup
     wl = WordRelevanceLoss(clip, [0, 0, 0, 1, 1])  # "purple hair": tokens 4, 5 (SOS is 0)
@@ -299,7 +299,7 @@ def test_word_relevance_loss_weights_gradients_and_all_marked_guard(tiny_setup, 
 
 # ---- data ------------------------------------------------------------------------------------------------
 def test_latent_file_with_wrong_shape_names_expected_shape(tmp_path):
-    from datamodules.latents import load_latents
+    from xclip.datamodules.latents import load_latents
 
     torch.save(torch.randn(18, 512), tmp_path / "one_face.pt")
     with pytest.raises(ValueError, match=r"one_face.pt.*\(18, 512\).*\(N, 18, 512\) for a 1024 px.*unsqueeze"):
@@ -312,7 +312,7 @@ def test_latent_file_with_wrong_shape_names_expected_shape(tmp_path):
 
 # ---- global directions ----------------------------------------------------------------------------------
 def test_global_directions_pipeline_and_cache(tiny_backbone, tmp_path):
-    from generation import global_directions as gd
+    from xclip.generation import global_directions as gd
 
     gen = build_generator(None, **TINY)
     stats = gd.style_statistics(gen, n_samples=64, n_codes=4, batch_size=32, progress=False)
@@ -350,7 +350,7 @@ TINY_ARGS = ["--generator-size", "32", "--style-dim", "64", "--n-mlp", "2", "--c
 def test_generate_cli_optimize_with_config_file(tmp_path):
     import json
 
-    import generate
+    from xclip import generate
 
     cfg = tmp_path / "opt.yaml"
     cfg.write_text("description: a person with purple hair\nsteps: 4\nl2_lambda: 0.008\n"
@@ -371,7 +371,7 @@ def test_generate_cli_optimize_with_config_file(tmp_path):
 
 
 def test_generate_cli_global(tmp_path):
-    import generate
+    from xclip import generate
 
     out = tmp_path / "g"
     summary = generate.main(["styleclip-global", "--neutral", "face", "--target", "smiling face", "--beta", "auto",

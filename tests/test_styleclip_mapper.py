@@ -19,7 +19,7 @@ def _one_thread():
 
 
 def test_levels_mapper_slices_and_disabled_levels():
-    from models.mapper import LevelsMapper
+    from xclip.models.mapper import LevelsMapper
 
     w = torch.randn(2, 18, 32)
     m = LevelsMapper(32, coarse=True, medium=False, fine=True)
@@ -36,16 +36,16 @@ def test_levels_mapper_slices_and_disabled_levels():
 
 
 def test_mapper_needs_arcface_when_id_loss_is_on():
-    from lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
 
     with pytest.raises(ValueError, match="arcface_checkpoint"):
         StyleCLIPMapperModule(**{**TINY_MODULE, "id_lambda": 0.1})
 
 
 def test_mapper_training_lowers_loss_and_checkpoint_is_slim(tmp_path):
-    from datamodules.latents import LatentsDataModule
-    from lightning_modules.base import load_method_checkpoint
-    from lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+    from xclip.datamodules.latents import LatentsDataModule
+    from xclip.lightning_modules.base import load_method_checkpoint
+    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
 
     torch.manual_seed(0)
     module = StyleCLIPMapperModule(**TINY_MODULE, optimizer="adam", lr=2.0)  # lr_mul 0.01 inside
@@ -72,7 +72,7 @@ def test_mapper_training_lowers_loss_and_checkpoint_is_slim(tmp_path):
 
 
 def test_latent_files_feed_the_mapper_and_bad_shapes_fail(tmp_path):
-    from datamodules.latents import LatentsDataModule
+    from xclip.datamodules.latents import LatentsDataModule
 
     torch.save(torch.randn(6, 10, 64), tmp_path / "train_faces.pt")
     dm = LatentsDataModule(str(tmp_path / "train_faces.pt"), str(tmp_path / "train_faces.pt"), generator_size=64,
@@ -97,9 +97,9 @@ RANGER_TINY = dict(optimizer="ranger", lr=100.0, ranger_eps=1e-8)
 @pytest.fixture(scope="module")
 def ranger_run(tmp_path_factory):
     """Train the tiny mapper for 18 Ranger steps (3 Lookahead cycles); returns (module, ckpt, w, losses)."""
-    from datamodules.latents import LatentsDataModule
-    from lightning_modules.styleclip_mapper import StyleCLIPMapperModule
-    from utils.optim import Ranger
+    from xclip.datamodules.latents import LatentsDataModule
+    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+    from xclip.utils.optim import Ranger
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -135,8 +135,8 @@ def test_generate_styleclip_mapper_applies_the_trained_mapper(ranger_run, tmp_pa
 
     from torchvision.io import read_image
 
-    import generate
-    from datamodules.latents import load_latents
+    from xclip import generate
+    from xclip.datamodules.latents import load_latents
 
     module, ckpt_path, w_eval, _ = ranger_run
     w = w_eval[:3].clone()  # 3 latents, batch 2: the last batch is partial

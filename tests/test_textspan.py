@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.ablation import (AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads,
+from xclip.analysis.ablation import (AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads,
                                zero_shot_accuracy)
-from analysis.decomposition import DecompositionError, decompose_images
-from analysis.textspan import textspan
+from xclip.analysis.decomposition import DecompositionError, decompose_images
+from xclip.analysis.textspan import textspan
 
 
 def _perturb(model: torch.nn.Module, scale: float = 0.05) -> None:
@@ -67,7 +67,7 @@ def test_sum_to_embedding_midsize():
 
 @pytest.mark.slow
 def test_sum_to_embedding_vit_b16():
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     torch.manual_seed(0)
     visual = build_clip("ViT-B-16").model.visual
@@ -118,7 +118,7 @@ def test_textspan_deflation_never_repeats_and_projects():
 
 
 def test_textspan_rank_projection_keeps_texts_in_head_span():
-    from analysis.textspan import project_onto_top_singular
+    from xclip.analysis.textspan import project_onto_top_singular
 
     data, pool, _ = _planted_problem(3)
     proj = project_onto_top_singular(data, pool, rank=5)       # mean direction + 4 planted directions

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from analysis.spurious import group_accuracies, spurious_report
-from models.clip_backbone import SHIPPED_WEIGHTS
+from xclip.analysis.spurious import group_accuracies, spurious_report
+from xclip.models.clip_backbone import SHIPPED_WEIGHTS
 
 
 def test_group_accuracies():
@@ -61,7 +61,7 @@ def _waterbirds_folder(root, n_per_group: int = 2, size: int = 32):
 
 
 def test_cli_spurious_on_waterbirds_layout(tmp_path):
-    import analyze
+    from xclip import analyze
 
     _waterbirds_folder(tmp_path / "wb")
     res = analyze.main(["spurious", "--backbone", "tiny-vit-test", "--waterbirds", str(tmp_path / "wb"),
@@ -71,8 +71,8 @@ def test_cli_spurious_on_waterbirds_layout(tmp_path):
     saved = json.loads((tmp_path / "wb.json").read_text())
     assert set(saved["base"]["groups"]) == {"landbird/land", "landbird/water", "waterbird/land", "waterbird/water"}
     assert 0 <= res["heads_ablated"]["worst_group"] <= 1
-    from analysis.spurious import load_waterbirds
-    from models.clip_backbone import build_clip
+    from xclip.analysis.spurious import load_waterbirds
+    from xclip.models.clip_backbone import build_clip
 
     (tmp_path / "wb" / "metadata.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="needs columns"):
@@ -80,8 +80,8 @@ def test_cli_spurious_on_waterbirds_layout(tmp_path):
 
 
 def test_cli_decompose_ablate_textspan_segment(tmp_path):
-    import analyze
-    from analysis.decomposition import load_store
+    from xclip import analyze
+    from xclip.analysis.decomposition import load_store
 
     store = tmp_path / "store"
     analyze.main(["decompose", "--backbone", "tiny-vit-test", "--data", "world:24", "--out", str(store),
@@ -107,7 +107,7 @@ def test_cli_decompose_ablate_textspan_segment(tmp_path):
 
 
 def test_mean_ablation_suite_via_evaluate(tmp_path):
-    import evaluate
+    from xclip import evaluate
 
     res = evaluate.main(["--backbone", "tiny-vit-test", "--suite", "mean_ablation", "--device", "cpu",
                          "--mean-ablation-data", "world:20", "--mean-ablation-keep-last", "1",
@@ -120,10 +120,10 @@ def test_mean_ablation_suite_via_evaluate(tmp_path):
                     reason="checkpoints/tiny_clip_world.pt not built yet")
 def test_tiny_world_clip_mean_ablation():
     """The trained tiny CLIP: ablating early layers keeps accuracy; ablating every attention layer collapses it."""
-    from analysis.ablation import ablation_table
-    from analysis.datasets import build_classifier, load_classification
-    from analysis.decomposition import decompose_images
-    from models.clip_backbone import build_clip
+    from xclip.analysis.ablation import ablation_table
+    from xclip.analysis.datasets import build_classifier, load_classification
+    from xclip.analysis.decomposition import decompose_images
+    from xclip.models.clip_backbone import build_clip
 
     backbone = build_clip("tiny-vit-world", "synthetic-world").freeze()
     data = load_classification("world:200", backbone)

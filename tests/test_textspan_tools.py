@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.segmentation import (SegmentationMetrics, average_precision, class_heatmaps, foreground,
+from xclip.analysis.segmentation import (SegmentationMetrics, average_precision, class_heatmaps, foreground,
                                    intersection_union, pixel_correct_total, two_channel_ap)
-from analysis.store import ShardedArray, ShardedWriter, get_head_column
+from xclip.analysis.store import ShardedArray, ShardedWriter, get_head_column
 
 
 # ---- store ---------------------------------------------------------------------------------------------------

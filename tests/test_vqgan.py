@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from generation.vqgan_clip import (RegionPrompt, VQGANCLIPConfig, generate, parse_prompt, position_words,
+from xclip.generation.vqgan_clip import (RegionPrompt, VQGANCLIPConfig, generate, parse_prompt, position_words,
                                    spherical_distance)
-from losses.spatial import box_mask, overlap_score, spatial_relevance_loss
-from models.vqgan import (TINY_DDCONFIG, VQGANConfigError, clamp_with_grad, load_vqgan, taming_yaml, tiny_vqgan,
+from xclip.losses.spatial import box_mask, overlap_score, spatial_relevance_loss
+from xclip.models.vqgan import (TINY_DDCONFIG, VQGANConfigError, clamp_with_grad, load_vqgan, taming_yaml, tiny_vqgan,
                           vector_quantize)
 
 WORLD_CKPT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny_clip_world.pt"
@@ -156,7 +156,7 @@ def test_bad_boxes_and_prompts_give_clear_errors(tiny_backbone):
 
 # ---- generation -------------------------------------------------------------------------------------------
 def _mass(backbone, image, text, box):
-    from evaluation.spatial_generation import mass_in_box, relevance_maps
+    from xclip.evaluation.spatial_generation import mass_in_box, relevance_maps
 
     maps = relevance_maps(backbone, image, [text])
     return float(mass_in_box(maps, box_mask(box, *image.shape[-2:])[None]))
@@ -203,7 +203,7 @@ def test_spatial_conditioning_moves_relevance_into_box(tiny_backbone):
 @pytest.mark.slow
 @pytest.mark.skipif(not WORLD_CKPT.is_file(), reason="checkpoints/tiny_clip_world.pt not trained yet")
 def test_spatial_conditioning_with_shipped_tiny_clip():
-    from models.clip_backbone import build_clip
+    from xclip.models.clip_backbone import build_clip
 
     backbone = build_clip("tiny-vit-world", "synthetic-world").freeze()
     masses, _ = _spatial_vs_textual(backbone, 64, 40, 8)
@@ -212,8 +212,8 @@ def test_spatial_conditioning_with_shipped_tiny_clip():
 
 # ---- evaluation -------------------------------------------------------------------------------------------
 def test_spatial_generation_suite_writes_table(tiny_backbone, tmp_path):
-    from evaluation import spatial_generation
-    from evaluation.common import EvalModel
+    from xclip.evaluation import spatial_generation
+    from xclip.evaluation.common import EvalModel
 
     parser = argparse.ArgumentParser()
     spatial_generation.add_arguments(parser)
@@ -264,8 +264,8 @@ def test_generation_with_spelling_projection(tiny_backbone):
 
 @pytest.mark.skipif(__import__("shutil").which("tesseract") is None, reason="tesseract binary not installed")
 def test_spatial_generation_text_in_image_with_and_without_w(tiny_backbone, tmp_path):
-    from evaluation import spatial_generation
-    from evaluation.common import EvalModel
+    from xclip.evaluation import spatial_generation
+    from xclip.evaluation.common import EvalModel
 
     parser = argparse.ArgumentParser()
     spatial_generation.add_arguments(parser)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.synthetic_world import (COLOURS, SHAPES, SyntheticWorldDataModule, WorldDataset, caption_for,
+from xclip.datamodules.synthetic_world import (COLOURS, SHAPES, SyntheticWorldDataModule, WorldDataset, caption_for,
                                          render_object, shape_mask, typographic_split, word_split,
                                          world_vocabulary)
 

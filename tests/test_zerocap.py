@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.synthetic_world import COLOURS, SHAPES, render_object, to_tensor
-from generation.zerocap import ZeroCap, ZeroCapConfig, clip_s, forbidden_token_ids
-from models.clip_backbone import SHIPPED_WEIGHTS, build_clip
+from xclip.datamodules.synthetic_world import COLOURS, SHAPES, render_object, to_tensor
+from xclip.generation.zerocap import ZeroCap, ZeroCapConfig, clip_s, forbidden_token_ids
+from xclip.models.clip_backbone import SHIPPED_WEIGHTS, build_clip
 
 
 def _captions(n: int, seed: int = 0) -> list[str]:
@@ -162,7 +162,7 @@ def test_context_shift_moves_the_lm_towards_clips_target(tiny_lm, tiny_backbone)
 def test_cli_captions_a_folder_with_references(tiny_lm, tmp_path):
     import json
 
-    from generation.zerocap import main
+    from xclip.generation.zerocap import main
 
     lm, tok = tiny_lm
     lm.save_pretrained(tmp_path / "lm")
@@ -183,7 +183,7 @@ def test_cli_captions_a_folder_with_references(tiny_lm, tmp_path):
 
 
 def test_missing_lm_offline_is_a_clear_error(tmp_path):
-    from generation.zerocap import load_language_model
+    from xclip.generation.zerocap import load_language_model
 
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         load_language_model(str(tmp_path / "no_such_lm"))

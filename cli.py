@@ -1,0 +1,52 @@
+"""The `xclip` console script: one command, six subcommands.
+
+    xclip train fit --config configs/spelling/forget_to_spell_world.yaml
+    xclip evaluate --config ... | xclip generate <method> ... | xclip analyze <analysis> ...
+    xclip explain --image a.png --text "a red star" --out outputs/explain
+    xclip demo --out outputs/demo
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {  # subcommand -> module whose main(argv) runs it
+    "train": "xclip.train",
+    "evaluate": "xclip.evaluate",
+    "generate": "xclip.generate",
+    "analyze": "xclip.analyze",
+    "explain": "xclip.explain_cli",
+    "demo": "xclip.demo",
+}
+USAGE = "usage: xclip {" + ",".join(SUBCOMMANDS) + "} [--help] ..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print("\n".join(f"  {name:9s} {_summary(name)}" for name in SUBCOMMANDS))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from xclip import __version__
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"xclip: unknown subcommand {name!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    result = importlib.import_module(SUBCOMMANDS[name]).main(rest)  # fixed table: no name from user input imported
+    return result if isinstance(result, int) else 0
+
+
+def _summary(name: str) -> str:
+    return {"train": "LightningCLI: fit / validate / test / predict a config",
+            "evaluate": "evaluate a checkpoint or pretrained CLIP on named suites",
+            "generate": "per-sample generation: styleclip-*, vqgan-clip, zerocap",
+            "analyze": "TextSpan decomposition, ablation, textspan, segmentation",
+            "explain": "relevance maps for images x texts as a PNG grid (+ HTML)",
+            "demo": "forget-to-spell on the built-in world"}[name]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
