@@ -46,7 +46,7 @@ TOWERS: tuple[str, ...] = ("text", "visual")
 NORMALISATIONS: tuple[str, ...] = ("none", "sum", "coop", "styleclip", "fusedream", "interpret")
 
 __all__ = [
-    "RelevanceError", "AttentionStore", "capture_attention", "text_relevance", "image_relevance",
+    "RelevanceError", "AttentionStore", "capture_attention", "Relevance", "relevance", "text_relevance", "image_relevance",
     "encode_text_from_embeddings", "text_relevance_from_embeddings", "text_eot_index", "rollout_row",
     "normalise_token_relevance", "word_token_spans", "word_relevance", "words_token_mask", "patch_grid",
 ]
@@ -304,45 +304,327 @@ def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, max(step, 1))]
 
 
-def _text_relevance_chunk(model: nn.Module, image_features: torch.Tensor, embeds: torch.Tensor,
-                          eot_index: torch.Tensor, start_layer: int, create_graph: bool,
-                          score: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of texts: ([B, C, L] relevance, [C, D] text features)."""
-    C, L, _ = embeds.shape
-    causal = _text_parts(model).attn_mask is not None
-    L_used = int(eot_index.max()) + 1 if causal else L  # causal tower: later tokens never reach a pooled index
-    if not embeds.requires_grad:  # frozen tower: give autograd a leaf so the probabilities join the graph
-        embeds = embeds.detach().requires_grad_(True)
-    with capture_attention(model, ("text",)) as store:
-        text_features = encode_text_from_embeddings(model, embeds[:, :L_used], eot_index)  # [C, D]
-    probs = store.probs["text"]  # per layer [C, H, L_used, L_used]
-    s0 = _resolve_start(start_layer, len(probs), "text")
-    probs = probs[s0:]
-    t_hat = F.normalize(text_features, dim=-1)
-    sims = _scale(model, score) * (image_features @ t_hat.T)  # [B, C]
-    if not all(p.requires_grad for p in probs):
-        raise RelevanceError("Attention probabilities do not require grad: call the relevance functions with "
-                             "gradients enabled (not under torch.no_grad / inference_mode).")
-    rows = []
-    for b in range(sims.shape[0]):
-        grads = torch.autograd.grad(sims[b].sum(), probs, retain_graph=True, create_graph=create_graph)
-        if not create_graph:
-            grads = [g.detach() for g in grads]
-        rows.append(rollout_row(probs, grads, eot_index))  # [C, L_used]
-    rel = torch.stack(rows, dim=0)  # [B, C, L_used]
-    if L_used < L:
-        rel = F.pad(rel, (0, L - L_used))  # [B, C, L]
-    return rel, text_features
+# ================================================================================================ fast towers
+# The relevance engine runs each tower with its blocks swapped (instance attribute ``forward``) for one of:
+#   skip     blocks below start_layer when nothing upstream needs grad: stock (fused) forward under no_grad;
+#   plain    blocks below start_layer otherwise: explicit attention, probabilities not kept;
+#   capture  explicit attention, probabilities kept (the input of the first captured block is detached into a
+#            fresh leaf when the tower is depth-limited, so the backward stops there);
+#   pooled   the last block when only the pooled row (CLS / EOT) is read: K and V for every token, Q, the attention
+#            row, out-projection and MLP for the pooled token only; every output row holds the pooled row's value
+#            (downstream only the pooled row is read), and the kept probabilities are that row: [n, H, 1, N].
+def _block_tail(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    x = x + block.ls_1(attn_out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.Tensor, rows: torch.Tensor | int,
+                  attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Last block for the pooled query rows only. x: [n, N, W] (batch-first) -> [n, N, W], every row = pooled row."""
+    mha: nn.MultiheadAttention = block.attn
+    if not mha.batch_first:
+        x = x.transpose(0, 1)
+    n, N, W = x.shape
+    H = mha.num_heads
+    d = W // H
+    idx = torch.arange(n, device=x.device)
+    rows = torch.as_tensor(rows, device=x.device).long().expand(n) if not torch.is_tensor(rows) or rows.dim() == 0 \
+        else rows.to(x.device).long()
+    h = block.ln_1(x)  # [n, N, W]
+    b = mha.in_proj_bias
+    q = F.linear(h[idx, rows], mha.in_proj_weight[:W], None if b is None else b[:W]).reshape(n, H, 1, d)
+    kv = F.linear(h, mha.in_proj_weight[W:], None if b is None else b[W:])  # [n, N, 2W]
+    k, v = kv.reshape(n, N, 2, H, d).permute(2, 0, 3, 1, 4)  # [n, H, N, d] each
+    scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [n, H, 1, N]
+    if attn_mask is not None:
+        mask = attn_mask.reshape(n, H, N, N)[idx, :, rows].unsqueeze(2) if attn_mask.dim() == 3 \
+            else attn_mask[rows].reshape(n, 1, 1, N)
+        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+    probs = scores.softmax(dim=-1)  # [n, H, 1, N]
+    store.probs[tower].append(probs)
+    if mha.training and mha.dropout > 0:
+        probs = F.dropout(probs, p=mha.dropout)
+    out = mha.out_proj((probs @ v).reshape(n, W))  # [n, W]
+    xr = _block_tail(block, x[idx, rows], out)  # [n, W]
+    y = xr.unsqueeze(1).expand(n, N, W)
+    return y if mha.batch_first else y.transpose(0, 1)
+
+
+def _requires_grad(module: nn.Module | None) -> bool:
+    return module is not None and any(p.requires_grad for p in module.parameters())
+
+
+def _text_source_requires_grad(model: nn.Module) -> bool:
+    parts = _text_parts(model)
+    proj = parts.text_projection
+    return (_requires_grad(parts.token_embedding) or _requires_grad(parts.transformer) or _requires_grad(parts.ln_final)
+            or parts.positional_embedding.requires_grad or (isinstance(proj, nn.Module) and _requires_grad(proj))
+            or (isinstance(proj, torch.Tensor) and proj.requires_grad))
+
+
+@contextlib.contextmanager
+def _relevance_tower(model: nn.Module, tower: str, start_layer: int, *, depth_limit: bool,
+                     pooled_rows: torch.Tensor | int | None) -> Iterator[AttentionStore]:
+    """Run ``tower`` with the block modes above; the store keeps the probabilities of the blocks >= start_layer."""
+    trunk = _tower_transformer(model, tower)
+    if getattr(trunk, "grad_checkpointing", False):
+        raise RelevanceError(f"Gradient checkpointing is enabled on the {tower} tower; disable it "
+                             f"(model.set_grad_checkpointing(False)) for attention relevance.")
+    blocks = list(trunk.resblocks)
+    for i, blk in enumerate(blocks):
+        _check_block(blk, tower, i)
+        if "forward" in vars(blk) or "attention" in vars(blk):
+            raise RelevanceError(f"{tower} block {i} is already being captured (nested relevance / capture_attention).")
+    s0 = _resolve_start(start_layer, len(blocks), tower)
+    store, scratch = AttentionStore(), AttentionStore()
+    patched: list[nn.Module] = []
+    try:
+        for i, blk in enumerate(blocks):
+            if i < s0:
+                mode = "skip" if depth_limit else "plain"
+            else:
+                mode = "pooled" if i == len(blocks) - 1 and pooled_rows is not None else "capture"
+            leaf = depth_limit and i == s0
+
+            def forward(self, q_x, k_x=None, v_x=None, attn_mask=None, _mode=mode, _leaf=leaf):
+                if k_x is not None or v_x is not None:
+                    raise RelevanceError(f"Cross-attention in a {tower} block is not supported by the relevance engine.")
+                if _mode == "skip":
+                    with torch.no_grad():
+                        return type(self).forward(self, q_x, attn_mask=attn_mask)
+                if _leaf:
+                    q_x = q_x.detach().requires_grad_(True)
+                if _mode == "pooled":
+                    return _pooled_block(self, store, tower, q_x, pooled_rows, attn_mask)
+                keep = store if _mode == "capture" else scratch
+                scratch.clear()
+                return _block_tail(self, q_x, _explicit_attention(self, keep, tower, self.ln_1(q_x),
+                                                                  attn_mask=attn_mask))
+
+            blk.forward = types.MethodType(forward, blk)
+            patched.append(blk)
+        yield store
+    finally:
+        for blk in patched:
+            del blk.forward
+
+
+def _rollout_batched(probs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows: torch.Tensor,
+                     pooled_last: bool) -> torch.Tensor:
+    """Explained rows for k backward passes at once.
+
+    probs: per layer [n, H, N, N] (the last [n, H, 1, N] when pooled_last); grads: per layer [k, n, H, ., N];
+    rows: [n] explained row per sequence.  Returns [k, n, N] (fp32, fp64 for fp64 models).
+    """
+    dtype = torch.promote_types(probs[0].dtype, torch.float32)
+    N = probs[0].shape[-1]
+    k = grads[0].shape[0]
+    r = F.one_hot(rows.long(), N).to(dtype).unsqueeze(0).expand(k, -1, -1)  # [k, n, N]
+    last = len(probs) - 1
+    for i in range(last, -1, -1):
+        abar = (grads[i].to(dtype) * probs[i].to(dtype)).clamp(min=0).mean(dim=-3)  # [k, n, N or 1, N]
+        if pooled_last and i == last:  # r is the one-hot row: r @ Abar = Abar[row]
+            r = r + abar[..., 0, :]
+        else:
+            r = r + (r.unsqueeze(-2) @ abar).squeeze(-2)
+    return r
+
+
+def _pass_grads(y: torch.Tensor, inputs: Sequence[torch.Tensor], masks: torch.Tensor, create_graph: bool
+                ) -> list[torch.Tensor]:
+    """Gradients of k weighted sums of ``y`` ([B, c]; pass j uses masks[j]) w.r.t. ``inputs``: per input [k, ...]."""
+    if create_graph or masks.shape[0] == 1:
+        per = [torch.autograd.grad(y, inputs, grad_outputs=m, retain_graph=True, create_graph=create_graph)
+               for m in masks]
+        return [torch.stack([p[i] for p in per]) for i in range(len(inputs))]
+    return list(torch.autograd.grad(y, inputs, grad_outputs=masks, retain_graph=True, is_grads_batched=True))
+
+
+def _sub_batches(k: int, sequences: int, tokens: int, budget_rows: int) -> list[tuple[int, int]]:
+    """Split k backward passes so that one batched backward holds at most ``budget_rows`` token rows."""
+    return _chunks(k, max(1, budget_rows // max(1, sequences * tokens)))
+
+
+@dataclass
+class Relevance:
+    """Result of ``relevance``: maps for the towers asked for, and the score of every pair.
+
+    text: [B, C, L] EOT rows (fp32) or None; image: [B, C, N] CLS rows over the N patches or None;
+    similarity: [B, C] the explained score y (detached); text_features: [C, D] unnormalised (attached when the
+    prompt embeddings need grad) or None when precomputed text features were passed; image_features: [B, D]
+    normalised.
+    """
+
+    text: torch.Tensor | None
+    image: torch.Tensor | None
+    similarity: torch.Tensor
+    text_features: torch.Tensor | None
+    image_features: torch.Tensor
+
+
+def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None, *,
+              towers: Sequence[Tower] | Tower = TOWERS, start_layer_text: int = 0, start_layer_image: int = -1,
+              create_graph: bool = False, score: Score = "logit", chunk_size: int | None = 256,
+              embeds: torch.Tensor | None = None, eot_index: torch.Tensor | None = None,
+              text_features: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+              _normalise_image_features: bool = True) -> Relevance:
+    """Text and/or image relevance for every (image, text) pair from ONE forward of each tower.
+
+    Images: ``images`` [B, 3, H, W] CLIP-normalised pixels, or (text relevance only) ``image_features`` [B, D].
+    Texts: ``tokens`` [C, L], or ``embeds`` [C, L, W] + ``eot_index`` [C] (learned prompts), or (image relevance
+    only) ``text_features`` [C, D].  towers: "text", "visual" or both.  start_layer_*: first layer entering R
+    (negative counts from the end); text default 0 = all layers (NTLB), image default -1 = last layer (T's notebook).
+
+    Cost: one forward of each tower (texts cut after their last EOT, exact for a causal tower); blocks below the
+    start layer run without a graph when nothing upstream needs grad (backward no deeper than the start layer);
+    the last block is computed for the pooled token only.  Text maps need B backward passes over the C texts,
+    image maps C passes over the B images; the passes of one tower run as one batched (vmapped) backward, in
+    sub-batches of at most ``chunk_size x context_length`` token rows.  For one pair both maps come from one
+    backward.  Exact: equals the plain per-pair rule to float rounding (tests/test_relevance.py).
+    create_graph=True keeps G = dy/dA differentiable (second-order losses; the passes then run one by one).
+    """
+    model = _unwrap(backbone)
+    towers = (towers,) if isinstance(towers, str) else tuple(towers)
+    if not towers or any(t not in TOWERS for t in towers):
+        raise RelevanceError(f"towers must be a non-empty subset of {TOWERS}, got {towers!r}.")
+    want_t, want_v = "text" in towers, "visual" in towers
+    if sum(x is not None for x in (tokens, embeds, text_features)) != 1:
+        raise RelevanceError("Pass exactly one of tokens [C, L], embeds [C, L, W] (+ eot_index) or text_features [C, D].")
+    if want_t and text_features is not None:
+        raise RelevanceError("Text relevance needs tokens or embeds, not precomputed text_features.")
+    if (images is None) == (image_features is None):
+        raise RelevanceError("Pass exactly one of images [B, 3, H, W] or image_features [B, D].")
+    if want_v and images is None:
+        raise RelevanceError("Image relevance needs images [B, 3, H, W], not precomputed image_features.")
+    if images is not None and images.dim() != 4:
+        raise RelevanceError(f"images must be [B, 3, H, W] CLIP-normalised pixels, got shape {tuple(images.shape)}.")
+    if tokens is not None and tokens.dim() != 2:
+        raise RelevanceError(f"tokens must be [C, L] token ids, got shape {tuple(tokens.shape)}.")
+    scale = _scale(model, score)
+    if want_v:
+        _check_visual_pool(model)
+
+    with torch.enable_grad():
+        # ---------------------------------------------------------------- image side
+        probs_v: list[torch.Tensor] = []
+        if want_v:
+            src_v = images.requires_grad or _requires_grad(model.visual)
+            with _relevance_tower(model, "visual", start_layer_image, depth_limit=not src_v, pooled_rows=0) as sv:
+                img = F.normalize(model.encode_image(images), dim=-1)  # [B, D]
+            probs_v = sv["visual"]
+        elif image_features is not None:
+            if image_features.dim() != 2:
+                raise RelevanceError(f"image_features must be [B, D], got shape {tuple(image_features.shape)}.")
+            img = F.normalize(image_features, dim=-1) if _normalise_image_features else image_features
+            src_v = image_features.requires_grad
+        else:
+            with contextlib.nullcontext() if create_graph else torch.no_grad():
+                img = F.normalize(model.encode_image(images), dim=-1)
+            src_v = img.requires_grad
+        B = img.shape[0]
+
+        # ---------------------------------------------------------------- text side
+        parts = None
+        if text_features is None:
+            try:
+                parts = _text_parts(model)
+            except RelevanceError:
+                if want_t or embeds is not None:
+                    raise
+        if text_features is None and parts is None:  # image maps only, text tower the engine cannot cut: stock
+            with contextlib.nullcontext() if create_graph else torch.no_grad():
+                text_features = model.encode_text(tokens)
+        if text_features is not None:
+            if text_features.dim() != 2:
+                raise RelevanceError(f"text_features must be [C, D], got shape {tuple(text_features.shape)}.")
+            C, src_t = text_features.shape[0], text_features.requires_grad
+            eot = None
+        else:
+            if embeds is not None:
+                if embeds.dim() != 3 or eot_index is None:
+                    raise RelevanceError(f"embeds must be [C, L, W] with one eot_index per text; got embeds "
+                                         f"{tuple(embeds.shape)} and eot_index {eot_index!r}.")
+                eot = torch.as_tensor(eot_index, device=embeds.device).long().reshape(-1)
+                if eot.shape[0] != embeds.shape[0]:
+                    raise RelevanceError(f"embeds must be [C, L, W] with one eot_index per text; got embeds "
+                                         f"{tuple(embeds.shape)} and eot_index {tuple(eot.shape)}.")
+                C, L = embeds.shape[:2]
+            else:
+                eot = text_eot_index(model, tokens)
+                C, L = tokens.shape
+            src_t = (embeds is not None and embeds.requires_grad) or _text_source_requires_grad(model)
+        text_attached = src_t or (create_graph and src_v)
+        image_attached = src_v or (create_graph and src_t)
+
+        budget = (chunk_size or 256) * (parts.positional_embedding.shape[0] if parts is not None else 77)
+        rel_t, rel_v, sims_all, feats = [], [], [], []
+        for lo, hi in _chunks(C, chunk_size):
+            c = hi - lo
+            probs_t: list[torch.Tensor] = []
+            if text_features is not None:
+                t = text_features[lo:hi]
+            else:
+                e = embeds[lo:hi] if embeds is not None else parts.token_embedding(tokens[lo:hi])  # [c, L, W]
+                e_eot = eot[lo:hi]
+                L_used = int(e_eot.max()) + 1 if parts.attn_mask is not None else L  # causal: later tokens unused
+                if want_t:
+                    with _relevance_tower(model, "text", start_layer_text, depth_limit=not src_t,
+                                          pooled_rows=e_eot) as st:
+                        t = encode_text_from_embeddings(model, e[:, :L_used], e_eot)  # [c, D]
+                    probs_t = st["text"]
+                else:
+                    with contextlib.nullcontext() if (create_graph or src_t) else torch.no_grad():
+                        t = encode_text_from_embeddings(model, e[:, :L_used], e_eot)
+            feats.append(t)
+            sims = scale * (img @ F.normalize(t, dim=-1).T)  # [B, c]
+            sims_all.append(sims.detach())
+            for p in probs_t + probs_v:
+                if not p.requires_grad:
+                    raise RelevanceError("Attention probabilities do not require grad: call the relevance functions "
+                                         "with gradients enabled (not under torch.no_grad / inference_mode).")
+            if want_t and want_v and B == 1 and c == 1:  # one pair: one backward for both maps
+                g = torch.autograd.grad(sims.sum(), probs_t + probs_v, retain_graph=True, create_graph=create_graph)
+                g = [x.unsqueeze(0) for x in g]
+                nt = len(probs_t)
+                rel_t.append(_rollout_batched(probs_t, g[:nt], e_eot, True)[0].unsqueeze(0))  # [1, 1, L_used]
+                rel_v.append(_rollout_batched(probs_v, g[nt:], torch.zeros(1, dtype=torch.long), True)[:, :, 1:])
+            else:
+                if want_t:
+                    masks = torch.eye(B, dtype=sims.dtype, device=sims.device)[:, :, None].expand(B, B, c)  # row b
+                    rows_t = []
+                    for a, z in _sub_batches(B, c, L_used, budget):
+                        g = _pass_grads(sims, probs_t, masks[a:z], create_graph)
+                        rows_t.append(_rollout_batched(probs_t, g, e_eot, True))  # [k, c, L_used]
+                    rel_t.append(torch.cat(rows_t, dim=0))  # [B, c, L_used]
+                if want_v:
+                    masks = torch.eye(c, dtype=sims.dtype, device=sims.device)[:, None, :].expand(c, B, c)  # col c
+                    zeros = torch.zeros(B, dtype=torch.long, device=img.device)
+                    cols = []
+                    for a, z in _sub_batches(c, B, probs_v[0].shape[-1], budget):
+                        g = _pass_grads(sims, probs_v, masks[a:z], create_graph)
+                        cols.append(_rollout_batched(probs_v, g, zeros, True)[:, :, 1:])  # [k, B, N]
+                    rel_v.append(torch.cat(cols, dim=0).transpose(0, 1))  # [B, c, N]
+            if want_t and rel_t[-1].shape[-1] < L:
+                rel_t[-1] = F.pad(rel_t[-1], (0, L - rel_t[-1].shape[-1]))  # [B, c, L]
+
+    text_rel = torch.cat(rel_t, dim=1) if want_t else None
+    image_rel = torch.cat(rel_v, dim=1) if want_v else None
+    if text_rel is not None and not text_attached:
+        text_rel = text_rel.detach()
+    if image_rel is not None and not image_attached:
+        image_rel = image_rel.detach()
+    text_feats = torch.cat(feats, dim=0) if parts is not None or text_features is None else None
+    return Relevance(text_rel, image_rel, torch.cat(sims_all, dim=1), text_feats, img)
 
 
 def text_relevance_from_embeddings(backbone, image_features: torch.Tensor, embeds: torch.Tensor,
                                    eot_index: torch.Tensor, *, start_layer: int = 0, create_graph: bool = False,
                                    score: Score = "logit", chunk_size: int | None = None,
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text relevance for learned prompts (CoOp) built from embeddings.
+    """Text relevance for learned prompts (CoOp) built from embeddings (a view of ``relevance``).
 
-    image_features: [B, D] L2-normalised image features (detach them unless gradients should reach the image;
-        they only matter through G = dy/dA when create_graph=True).
+    image_features: [B, D] L2-normalised image features (used as given; detach them unless gradients should reach
+        the image; they only matter through G = dy/dA when create_graph=True).
     embeds: [C, L, W] token embeddings before the positional embedding; eot_index: [C] pooled position.
     Returns (relevance [B, C, L] = EOT row of R for y = score(x_b, t_c), text features [C, D] unnormalised).
 
@@ -352,21 +634,10 @@ def text_relevance_from_embeddings(backbone, image_features: torch.Tensor, embed
     chunk_size: texts per text-tower pass (None = all at once).  Each chunk keeps its own graph when the result is
     attached, so chunking bounds peak memory only for detached use.
     """
-    model = _unwrap(backbone)
-    if image_features.dim() != 2:
-        raise RelevanceError(f"image_features must be [B, D], got shape {tuple(image_features.shape)}.")
-    eot_index = torch.as_tensor(eot_index, device=embeds.device).long().reshape(-1)
-    if embeds.dim() != 3 or eot_index.shape[0] != embeds.shape[0]:
-        raise RelevanceError(f"embeds must be [C, L, W] with one eot_index per text; got embeds "
-                             f"{tuple(embeds.shape)} and eot_index {tuple(eot_index.shape)}.")
-    rels, feats = [], []
-    with torch.enable_grad():
-        for lo, hi in _chunks(embeds.shape[0], chunk_size):
-            r, f = _text_relevance_chunk(model, image_features, embeds[lo:hi], eot_index[lo:hi], start_layer,
-                                         create_graph, score)
-            rels.append(r)
-            feats.append(f)
-    return torch.cat(rels, dim=1), torch.cat(feats, dim=0)
+    out = relevance(backbone, tokens=None, embeds=embeds, eot_index=eot_index, image_features=image_features,
+                    towers=("text",), start_layer_text=start_layer, create_graph=create_graph, score=score,
+                    chunk_size=chunk_size, _normalise_image_features=False)
+    return out.text, out.text_features
 
 
 def _image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -379,32 +650,19 @@ def text_relevance(backbone, images: torch.Tensor, tokens: torch.Tensor, *, star
                    create_graph: bool = False, score: Score = "logit", chunk_size: int | None = 256) -> torch.Tensor:
     """EOT-row text relevance for every (image, text) pair: [B, 3, H, W] x [C, L] -> [B, C, L] (fp32).
 
+    A view of ``relevance(..., towers=("text",))``.
     ``y = logit_scale.exp() * cos(image_b, text_c)`` by default (as T's notebook, CoOp loss, StyleCLIP EGCLIPLoss);
     ``score="cosine"`` uses the raw cosine (FuseDream explainability_loss).  The scale is not a no-op: it changes the
     mix of first- and higher-order terms of R (spec §1.3).  start_layer=0 uses all text layers (NTLB's choice);
     negative values count from the end (-1 = last layer only).
     create_graph=False returns a result whose graph reaches the text token embeddings only through A (the image
     features are detached); create_graph=True keeps G differentiable so gradients also reach the image pixels.
-    Wrap in torch.no_grad()-free code; for plain visualisation call ``.detach()`` on the result.
+    For plain visualisation call ``.detach()`` on the result.
     """
-    model = _unwrap(backbone)
     if tokens.dim() != 2:
         raise RelevanceError(f"tokens must be [C, L] token ids, got shape {tuple(tokens.shape)}.")
-    parts = _text_parts(model)
-    eot = text_eot_index(model, tokens)
-    with torch.enable_grad():
-        if create_graph:
-            img = _image_features(model, images)
-        else:
-            with torch.no_grad():
-                img = _image_features(model, images)
-        rels = []
-        for lo, hi in _chunks(tokens.shape[0], chunk_size):
-            embeds = parts.token_embedding(tokens[lo:hi])  # [c, L, W]
-            r, _ = _text_relevance_chunk(model, img, embeds, eot[lo:hi], start_layer, create_graph, score)
-            attached = embeds.requires_grad or (create_graph and img.requires_grad)
-            rels.append(r if attached else r.detach())
-    return torch.cat(rels, dim=1)  # [B, C, L]
+    return relevance(backbone, images, tokens, towers=("text",), start_layer_text=start_layer,
+                     create_graph=create_graph, score=score, chunk_size=chunk_size).text
 
 
 # ================================================================================================ image tower
@@ -431,48 +689,19 @@ def image_relevance(backbone, images: torch.Tensor, tokens: torch.Tensor | None 
                     text_features: torch.Tensor | None = None) -> torch.Tensor:
     """CLS-row image relevance over the N patches for every pair: -> [B, C, N] (fp32, CLS column dropped).
 
+    A view of ``relevance(..., towers=("visual",))``.
     Reshape with ``rel.reshape(B, C, *patch_grid(backbone))``.  start_layer=-1 (default) uses only the last layer
     (T's notebook HEAD and NTLB's spatial conditioning); 0 uses all layers.  Pass ``text_features`` ([C, D],
     normalised or not) instead of ``tokens`` to explain against precomputed / learned texts.
     y = logit_scale * cos by default; ``score="cosine"`` for VQGAN spatial conditioning (spec §4.3).
     create_graph=True keeps G differentiable so a loss on the map reaches the pixels through both A and G.
     """
-    model = _unwrap(backbone)
-    _check_visual_pool(model)
     if (tokens is None) == (text_features is None):
         raise RelevanceError("Pass exactly one of tokens [C, L] or text_features [C, D].")
-    with torch.enable_grad():
-        if text_features is None:
-            if tokens.dim() != 2:
-                raise RelevanceError(f"tokens must be [C, L] token ids, got shape {tuple(tokens.shape)}.")
-            ctx = contextlib.nullcontext() if create_graph else torch.no_grad()
-            with ctx:
-                text_features = model.encode_text(tokens)
-        t_hat = F.normalize(text_features, dim=-1)  # [C, D]
-        if images.dim() != 4:
-            raise RelevanceError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}.")
-        pixels = images if images.requires_grad else images.detach().requires_grad_(True)
-        with capture_attention(model, ("visual",)) as store:
-            img = _image_features(model, pixels)  # [B, D]
-        probs = store.probs["visual"]  # per layer [B, H, N+1, N+1]
-        s0 = _resolve_start(start_layer, len(probs), "visual")
-        probs = probs[s0:]
-        if not all(p.requires_grad for p in probs):
-            raise RelevanceError("Attention probabilities do not require grad: call image_relevance with gradients "
-                                 "enabled (not under torch.no_grad / inference_mode).")
-        scale = _scale(model, score)
-        out = []
-        for lo, hi in _chunks(t_hat.shape[0], chunk_size):
-            sims = scale * (img @ t_hat[lo:hi].T)  # [B, c]
-            for c in range(hi - lo):
-                grads = torch.autograd.grad(sims[:, c].sum(), probs, retain_graph=True, create_graph=create_graph)
-                if not create_graph:
-                    grads = [g.detach() for g in grads]
-                out.append(rollout_row(probs, grads, 0)[:, 1:])  # [B, N]
-    rel = torch.stack(out, dim=1)  # [B, C, N]
-    attached = images.requires_grad or any(p.requires_grad for p in model.visual.parameters()) or \
-        (create_graph and text_features.requires_grad)
-    return rel if attached else rel.detach()
+    if images.dim() != 4:
+        raise RelevanceError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}.")
+    return relevance(backbone, images, tokens, towers=("visual",), start_layer_image=start_layer,
+                     create_graph=create_graph, score=score, chunk_size=chunk_size, text_features=text_features).image
 
 
 # ================================================================================================ words
