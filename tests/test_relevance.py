@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from xclip.models.relevance import (RelevanceError, capture_attention, encode_text_from_embeddings, image_relevance,
-                              normalise_token_relevance, patch_grid, text_eot_index, text_relevance,
-                              text_relevance_from_embeddings, word_relevance, word_token_spans, words_token_mask)
+                                    normalise_token_relevance, patch_grid, relevance, text_eot_index, text_relevance,
+                                    text_relevance_from_embeddings, word_relevance, word_token_spans,
+                                    words_token_mask)
 
 TEXTS = ["a photo of a dog.", "a red square", "hello world, this is a longer caption"]
 
@@ -111,6 +112,99 @@ def test_image_relevance_matches_per_pair(tiny, inputs, start_layer):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("start_text,start_image", [(0, -1), (-1, -1), (1, 0), (0, 1)])
+@pytest.mark.parametrize("n_images,n_texts", [(1, 1), (2, 3), (1, 3)])
+def test_joint_relevance_matches_per_pair_and_separate_calls(tiny, inputs, start_text, start_image, n_images,
+                                                            n_texts):
+    """One forward per tower + batched backward == the plain per-pair rule == the separate views, every shape."""
+    images, tokens = inputs[0][:n_images], inputs[1][:n_texts]
+    out = relevance(tiny, images, tokens, start_layer_text=start_text, start_layer_image=start_image)
+    ref_t = reference_all(tiny, images, tokens, "text", start_text)
+    ref_i = reference_all(tiny, images, tokens, "visual", start_image)
+    torch.testing.assert_close(out.text, ref_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.image, ref_i, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.text, text_relevance(tiny, images, tokens, start_layer=start_text),
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.image, image_relevance(tiny, images, tokens, start_layer=start_image),
+                               atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        sims = tiny.model.logit_scale.exp() * F.normalize(tiny.encode_image(images), dim=-1) \
+            @ F.normalize(tiny.encode_text(tokens), dim=-1).T
+    torch.testing.assert_close(out.similarity, sims, atol=1e-5, rtol=1e-5)
+    assert not out.text.requires_grad and not out.image.requires_grad
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, None])
+def test_joint_relevance_chunking_and_text_features_view(tiny, inputs, chunk_size):
+    """Chunked texts and sub-batched backward passes (chunk_size=1: one pass per call) give the same maps."""
+    images, tokens = inputs
+    ref = relevance(tiny, images, tokens, start_layer_image=0, chunk_size=256)
+    out = relevance(tiny, images, tokens, start_layer_image=0, chunk_size=chunk_size)
+    torch.testing.assert_close(out.text, ref.text, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.image, ref.image, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        feats = tiny.encode_text(tokens)
+    via_feats = image_relevance(tiny, images, text_features=feats, start_layer=0, chunk_size=chunk_size)
+    torch.testing.assert_close(via_feats, ref.image, atol=1e-5, rtol=1e-5)
+
+
+def test_depth_limited_backward_keeps_only_needed_layers(tiny, inputs, monkeypatch):
+    """start_layer=-1: only the last block's probabilities are kept (the CLS / EOT row only) and the blocks below
+    run without a graph; with pixels that need grad the whole graph is kept (gradients must reach them)."""
+    import xclip.models.relevance as rel_mod
+
+    images, tokens = inputs
+    seen = []
+    real = rel_mod._rollout_batched
+
+    def spy(probs, grads, rows, pooled_last):
+        seen.append([tuple(p.shape) for p in probs])
+        return real(probs, grads, rows, pooled_last)
+
+    monkeypatch.setattr(rel_mod, "_rollout_batched", spy)
+    graph_below = []
+    hook = tiny.model.visual.transformer.resblocks[0].register_forward_hook(
+        lambda mod, args, out: graph_below.append(out.requires_grad))
+    try:
+        relevance(tiny, images, tokens, start_layer_text=-1, start_layer_image=-1)
+        eot_max = int(tokens.argmax(-1).max())
+        assert seen == [[(3, 2, 1, eot_max + 1)], [(2, 2, 1, 17)]]  # one layer each, pooled row only
+        assert graph_below == [False]  # block 0 of the image tower ran without a graph
+        x = images.clone().requires_grad_(True)
+        r = image_relevance(tiny, x, tokens, start_layer=-1, create_graph=True)
+        assert graph_below[-1] is True  # pixels need grad: full graph
+    finally:
+        hook.remove()
+    (g,) = torch.autograd.grad(r.sum(), [x])
+    assert g.abs().sum() > 0
+    torch.testing.assert_close(r.detach(), reference_all(tiny, images, tokens, "visual", -1), atol=1e-5, rtol=1e-5)
+
+
+def test_joint_relevance_create_graph_matches_views(tiny64):
+    tokens = tiny64.tokenize(TEXTS[:2])
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    out = relevance(tiny64, x, tokens, start_layer_image=0, create_graph=True)
+    assert out.text.requires_grad and out.image.requires_grad
+    (g_joint,) = torch.autograd.grad(out.text.sum() + out.image.sum(), [x])
+    t = text_relevance(tiny64, x, tokens, create_graph=True)
+    i = image_relevance(tiny64, x, tokens, start_layer=0, create_graph=True)
+    (g_sep,) = torch.autograd.grad(t.sum() + i.sum(), [x])
+    torch.testing.assert_close(g_joint, g_sep, atol=1e-9, rtol=1e-7)
+
+
+def test_joint_relevance_bad_arguments(tiny, inputs):
+    images, tokens = inputs
+    with pytest.raises(RelevanceError, match="towers"):
+        relevance(tiny, images, tokens, towers=("audio",))
+    with pytest.raises(RelevanceError, match="exactly one of tokens"):
+        relevance(tiny, images)
+    with pytest.raises(RelevanceError, match="Image relevance needs images"):
+        relevance(tiny, tokens=tokens, image_features=torch.randn(2, 32))
+    with pytest.raises(RelevanceError, match="start_layer"):
+        relevance(tiny, images, tokens, start_layer_image=7)
+
+
 def test_cosine_score_differs_from_logit(tiny, inputs):
     images, tokens = inputs
     cos = text_relevance(tiny, images, tokens, score="cosine")
@@ -141,6 +235,10 @@ def test_vit_b32_parity():
         got = image_relevance(bb, images, tokens, start_layer=start)
         assert got.reshape(2, 2, *patch_grid(bb)).shape == (2, 2, 7, 7)
         torch.testing.assert_close(got, reference_all(bb, images, tokens, "visual", start), atol=1e-5, rtol=1e-4)
+    joint = relevance(bb, images[:1], tokens[:1], start_layer_text=0, start_layer_image=-1)  # one pair, one backward
+    torch.testing.assert_close(joint.text, reference_all(bb, images[:1], tokens[:1], "text", 0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(joint.image, reference_all(bb, images[:1], tokens[:1], "visual", -1), atol=1e-5,
+                               rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ embeddings entry
