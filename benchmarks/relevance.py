@@ -1,141 +1,208 @@
-"""Batched relevance engine vs one-pair-at-a-time relevance, ViT-B-32-shaped random model on CPU.
+"""Relevance engine vs the anchor's formulation (Chefer's CLIP notebook ``interpret``), ViT-B-32 shapes, CPU.
 
-    nice -n 15 .venv/bin/python benchmarks/relevance.py [--images 8] [--texts 100] [--pairs 4] [--model ViT-B-32]
+    python benchmarks/relevance.py                      # full: B=1xC=1, B=8xC=100, B=1xC=1000 at 1 and 2 threads
+    python benchmarks/relevance.py --quick              # smoke: C reduced (B=1xC=1, B=2xC=8, B=1xC=16)
+    python benchmarks/relevance.py --threads 1 --repeats 3 --anchor_pairs 4
 
-Baselines (measured in the same run, on ``--pairs`` pairs and extrapolated to B x C pairs, since the per-pair cost
-does not depend on the pair):
-  * per-pair naive: for each (image, text): encode the image, encode the full-length text with attention capture,
-    y = logit_scale * cos, one autograd.grad over all layers, full R matrix products (A's / T's code path, but with
-    the image encoded once per pair instead of repeated K times);
-  * per-pair truncated: the same but with the text cut after its EOT (the engine's exact shortcut), so the ratio
-    against it is the gain from batching alone.
-Peak memory is the peak resident set size above the phase's starting RSS, sampled every 2 ms from /proc.
+Anchor (implemented here after reading T's ``CLIP_explainability.ipynb`` ``interpret``; nothing pasted): one call
+per (image, text) pair, both towers run on the full 77-token text inside every call, the attention probabilities of
+every block are kept, then for each tower one ``torch.autograd.grad(y, [A_l], retain_graph=True)`` per layer from
+the start layer up and the full [N, N] relevance matrix ``R <- R + bmm(Abar_l, R)``; image map ``R[0, 1:]``, text
+map ``R[eot]``.  The anchor's cost is the same for every pair, so at B x C > 1 it is timed on ``--anchor_pairs``
+pairs and extrapolated per pair (said in the output).  Ours: one ``relevance(...)`` call for all B x C pairs.
+
+Workloads (start layers text / image): "notebook" -1/-1 (T's notebook HEAD), "ntlb" 0/-1 (NTLB: all text layers,
+last image layer), "all" 0/0.  Each thread count runs in its own subprocess with OMP_NUM_THREADS / MKL_NUM_THREADS
+set before torch is imported and ``torch.set_num_threads(n)``.  Each timing is the minimum over ``--repeats`` runs
+(the machine is shared: absolute seconds are noisy, the ratios less so).  GFLOP are analytic matmul counts
+(forward 24 N W^2 + 4 N^2 W per layer and sequence, backward 24 N W^2 + 8 N^2 W); "peak" is a 2048^3 fp32 matmul
+measured in the same process; "floor" is our algorithm's GFLOP at that peak (one text-tower backward per image over
+all C texts, one image-tower backward per text over all B images, each only down to its start layer).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-
-from xclip.models.clip_backbone import build_clip  # noqa: E402
-from xclip.models.relevance import capture_attention, encode_text_from_embeddings, image_relevance, text_relevance  # noqa: E402
+FULL = [(1, 1, "notebook"), (1, 1, "ntlb"), (8, 100, "ntlb"), (8, 100, "all"), (1, 1000, "ntlb")]
+QUICK = [(1, 1, "notebook"), (1, 1, "ntlb"), (2, 8, "ntlb"), (2, 8, "all"), (1, 16, "ntlb")]
+STARTS = {"notebook": (-1, -1), "ntlb": (0, -1), "all": (0, 0)}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# ------------------------------------------------------------------------------------------------ FLOP model
+def _layer(n: int, N: int, W: int, backward: bool) -> float:
+    return n * (24 * N * W * W + (8 if backward else 4) * N * N * W)
 
 
-class PeakRSS:
-    """Context manager: peak RSS growth (bytes) during the block."""
-
-    def __enter__(self):
-        self.start = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        self.delta_mb = (self.peak - self.start) / 2 ** 20
+def _pooled_layer(n: int, N: int, W: int, backward: bool) -> float:
+    """Last block for the pooled row only: K, V for N tokens; Q, out-proj, MLP for one token; one attention row."""
+    return n * (4 * N * W * W + 20 * W * W + (8 if backward else 4) * N * W)
 
 
-def per_pair(backbone, image, token_row, tower: str, start_layer: int, truncate: bool) -> torch.Tensor:
-    """Relevance for one pair, written plainly (full R matrix)."""
-    model = backbone.model
+def flops_ours(B: int, C: int, L_used: int, start_t: int, start_i: int, dims: dict) -> float:
+    Lt, Li, Wt, Wi, Ni = dims["text_layers"], dims["image_layers"], dims["text_width"], dims["image_width"], dims["patches"] + 1
+    st, si = start_t % Lt, start_i % Li
+    f = B * (2 * dims["patches"] * 3 * dims["patch"] ** 2 * Wi) + (Li - 1) * _layer(B, Ni, Wi, False) \
+        + _pooled_layer(B, Ni, Wi, False)  # image forward
+    f += (Lt - 1) * _layer(C, L_used, Wt, False) + _pooled_layer(C, L_used, Wt, False)  # text forward
+    f += B * ((Lt - 1 - st) * _layer(C, L_used, Wt, True) + _pooled_layer(C, L_used, Wt, True))  # B text passes
+    f += C * ((Li - 1 - si) * _layer(B, Ni, Wi, True) + _pooled_layer(B, Ni, Wi, True))  # C image passes
+    return f
+
+
+def flops_anchor_pair(start_t: int, start_i: int, dims: dict) -> float:
+    """One anchor call: both full forwards (77 tokens) and one autograd.grad per layer, each reaching layer l."""
+    Lt, Li, Wt, Wi, Ni = dims["text_layers"], dims["image_layers"], dims["text_width"], dims["image_width"], dims["patches"] + 1
+    N_t = dims["context"]
+    st, si = start_t % Lt, start_i % Li
+    f = 2 * dims["patches"] * 3 * dims["patch"] ** 2 * Wi + Li * _layer(1, Ni, Wi, False) + Lt * _layer(1, N_t, Wt, False)
+    f += sum((Lt - l) * _layer(1, N_t, Wt, True) for l in range(st, Lt))
+    f += sum((Li - l) * _layer(1, Ni, Wi, True) for l in range(si, Li))
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ the two sides
+def anchor_interpret(model, image, token_row, start_t: int, start_i: int):
+    """The notebook's ``interpret`` for one (image, text) pair: -> (text row R[eot] [77], image map R[0, 1:] [N])."""
+    import torch
+    import torch.nn.functional as F
+
+    from xclip.models.relevance import capture_attention, encode_text_from_embeddings
+
     eot = int(token_row.argmax())
-    row = token_row[: eot + 1] if truncate else token_row
-    with capture_attention(model, (tower,)) as store:
-        x = image.unsqueeze(0).requires_grad_(tower == "visual")
-        emb = model.token_embedding(row.unsqueeze(0)).detach().requires_grad_(tower == "text")
+    with capture_attention(model, ("text", "visual")) as store:
+        x = image.unsqueeze(0).requires_grad_(True)  # the notebook's model has trainable weights: A needs grad
+        emb = model.token_embedding(token_row.unsqueeze(0)).detach().requires_grad_(True)  # [1, 77, W]
         img = F.normalize(model.encode_image(x), dim=-1)
         txt = F.normalize(encode_text_from_embeddings(model, emb, torch.tensor([eot])), dim=-1)
-        y = model.logit_scale.exp() * (img * txt).sum()
-    probs = store[tower]
-    start = start_layer + len(probs) if start_layer < 0 else start_layer
-    grads = torch.autograd.grad(y, probs[start:])
-    N = probs[0].shape[-1]
-    R = torch.eye(N)
-    for A, G in zip(probs[start:], grads):
-        R = R + (G * A).clamp(min=0).mean(dim=1)[0] @ R
-    return R[eot] if tower == "text" else R[0, 1:]
+        logits_per_image = model.logit_scale.exp() * img @ txt.T  # [1, 1]
+    one_hot = (torch.ones_like(logits_per_image) * logits_per_image).sum()
+    maps = []
+    for tower, start in (("visual", start_i), ("text", start_t)):
+        blocks = store[tower]
+        start = len(blocks) - 1 if start == -1 else start % len(blocks)
+        N = blocks[0].shape[-1]
+        R = torch.eye(N, dtype=blocks[0].dtype).unsqueeze(0).expand(1, N, N)
+        for i, A in enumerate(blocks):
+            if i < start:
+                continue
+            grad = torch.autograd.grad(one_hot, [A], retain_graph=True)[0].detach()
+            cam = (grad * A.detach()).clamp(min=0).mean(dim=1)  # [1, N, N]
+            R = R + torch.bmm(cam, R)
+        maps.append(R[0, 0, 1:] if tower == "visual" else R[0, eot])
+    return maps[1], maps[0]
 
 
-def timed(fn):
-    """(output, wall seconds, process CPU seconds, peak RSS growth MB).  CPU time is the fairer measure on a
-    shared machine (it counts this process's work only); both are printed."""
-    with PeakRSS() as mem:
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    return out, dt, dc, mem.delta_mb
+def _dims(bb) -> dict:
+    m = bb.model
+    v = m.visual
+    gs = v.grid_size
+    return {"text_layers": len(m.transformer.resblocks), "image_layers": len(v.transformer.resblocks),
+            "text_width": m.transformer.width, "image_width": v.transformer.width,
+            "patches": int(gs[0]) * int(gs[1]), "patch": int(v.patch_size[0]), "context": m.positional_embedding.shape[0]}
+
+
+def _peak_gflops(repeats: int) -> float:
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(max(3, repeats)))
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def worker(args) -> None:
+    import torch
+
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from xclip.models.clip_backbone import build_clip
+    from xclip.models.relevance import relevance
+
+    threads = args.threads[0]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    bb = build_clip(args.model).freeze()
+    model, dims = bb.model, _dims(bb)
+    peak = _peak_gflops(args.repeats)
+    rows = []
+    for B, C, kind in (QUICK if args.quick else FULL):
+        st, si = STARTS[kind]
+        g = torch.Generator().manual_seed(B * 1000 + C)
+        images = torch.randn(B, 3, bb.image_size, bb.image_size, generator=g)
+        tokens = bb.tokenize([f"a photo of a {IMAGENET_CLASSNAMES[i % 1000]}." for i in range(C)])
+        L_used = int(tokens.argmax(-1).max()) + 1
+        relevance(bb, images[:1], tokens[:2], start_layer_text=st, start_layer_image=si)  # warm-up
+        t_ours = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = relevance(bb, images, tokens, start_layer_text=st, start_layer_image=si)
+            t_ours.append(time.perf_counter() - t0)
+        ours = min(t_ours)
+        n_pairs = min(B * C, args.anchor_pairs)
+        pairs = [(i % B, (37 * i) % C) for i in range(n_pairs)]
+        anchor_interpret(model, images[0], tokens[0], st, si)  # warm-up
+        worst = 0.0
+        t_anchor = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            res = [anchor_interpret(model, images[b], tokens[c], st, si) for b, c in pairs]
+            t_anchor.append(time.perf_counter() - t0)
+        for (b, c), (rt, ri) in zip(pairs, res):  # same numbers on both sides
+            worst = max(worst, float((out.text[b, c] - rt).abs().max()), float((out.image[b, c] - ri).abs().max()))
+        anchor = min(t_anchor) * B * C / n_pairs
+        f_ours, f_anchor = flops_ours(B, C, L_used, st, si, dims), flops_anchor_pair(st, si, dims) * B * C
+        rows.append({"B": B, "C": C, "kind": kind, "start_text": st, "start_image": si, "ours_s": ours,
+                     "anchor_s": anchor, "anchor_pairs_timed": n_pairs, "ratio": anchor / ours,
+                     "gflop_ours": f_ours / 1e9, "gflop_anchor": f_anchor / 1e9,
+                     "peak_frac_ours": f_ours / 1e9 / ours / peak, "peak_frac_anchor": f_anchor / 1e9 / anchor / peak,
+                     "floor_s": f_ours / 1e9 / peak, "max_abs_diff": worst})
+    print(json.dumps({"threads": threads, "peak_gflops": peak, "rows": rows}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--texts", type=int, default=100)
-    ap.add_argument("--pairs", type=int, default=4, help="pairs timed for the per-pair baselines")
-    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2, help="timings are the minimum over this many runs")
+    ap.add_argument("--anchor_pairs", type=int, default=3, help="pairs the anchor is timed on (extrapolated per pair)")
+    ap.add_argument("--quick", action="store_true", help="smoke run with reduced C")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    torch.manual_seed(0)
-    bb = build_clip(args.model).freeze()
-    B, C = args.images, args.texts
-    size = bb.image_size
-    images = torch.randn(B, 3, size, size)
-    prompts = [f"a photo of a {IMAGENET_CLASSNAMES[i % len(IMAGENET_CLASSNAMES)]}." for i in range(C)]
-    tokens = bb.tokenize(prompts)
-    print(f"model {args.model} (random init), B={B} images x C={C} ImageNet-class prompts "
-          f"(max {int(tokens.argmax(-1).max()) + 1} of {tokens.shape[1]} tokens used), torch threads "
-          f"{torch.get_num_threads()}, per-pair baselines timed on {args.pairs} pairs and extrapolated to {B * C}")
-
-    rows = []
-    for tower, start, label in (("text", 0, "text relevance (all layers)"),
-                                ("visual", -1, "image relevance (last layer)")):
-        fn = text_relevance if tower == "text" else image_relevance
-        fn(bb, images[:1], tokens[:2], start_layer=start)  # warm-up
-        batched, t_b, c_b, m_b = timed(lambda: fn(bb, images, tokens, start_layer=start, chunk_size=args.chunk_size))
-        pairs = [(i % B, (7 * i) % C) for i in range(args.pairs)]
-        res = {}
-        for truncate in (False, True):
-            per_pair(bb, images[0], tokens[0], tower, start, truncate)  # warm-up
-            outs, t_p, c_p, m_p = timed(lambda: [per_pair(bb, images[b], tokens[c], tower, start, truncate)
-                                            for b, c in pairs])
-            scale = B * C / len(pairs)
-            res[truncate] = (t_p * scale, c_p * scale, m_p)
-            for (b, c), o in zip(pairs, outs):  # same numbers
-                ref = batched[b, c, : o.shape[0]]
-                assert torch.allclose(ref, o, atol=1e-4, rtol=1e-3), (tower, b, c, (ref - o).abs().max())
-        rows.append((label, (t_b, c_b), m_b, res))
-
-    print(f"\n{'':38s} {'batched':>10s} {'per-pair naive':>16s} {'ratio':>7s} {'per-pair trunc':>16s} {'ratio':>7s}")
-    for label, tb, m_b, res in rows:
-        for k, kind in enumerate(("wall", "cpu")):
-            n, t = res[False][k], res[True][k]
-            print(f"{label + ' ' + kind:38s} {tb[k]:9.2f}s {n:15.1f}s {n / tb[k]:6.1f}x {t:15.1f}s {t / tb[k]:6.1f}x")
-    print("\npeak RSS growth (MB): " + "; ".join(
-        f"{label}: batched {m_b:.0f}, per-pair naive {res[False][2]:.0f}, per-pair trunc {res[True][2]:.0f}"
-        for label, tb, m_b, res in rows))
-    print(f"process peak RSS {__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if args.worker:
+        worker(args)
+        return
+    for n in args.threads:
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(n), "--model", args.model,
+               "--repeats", str(args.repeats), "--anchor_pairs", str(args.anchor_pairs)] + (["--quick"] if args.quick else [])
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"worker ({n} threads) failed:\n{res.stderr[-3000:]}")
+        rep = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"\n{args.model} (random init), {n} thread(s) (OMP/MKL_NUM_THREADS={n}, torch.set_num_threads({n})), "
+              f"measured fp32 GEMM peak {rep['peak_gflops']:.0f} GFLOP/s; min of {args.repeats} runs; machine shared, "
+              f"absolute times noisy")
+        print(f"{'workload':28s} {'anchor s':>10s} {'ours s':>9s} {'ratio':>7s} {'GFLOP anchor':>13s} {'GFLOP ours':>11s} "
+              f"{'peak% anch':>10s} {'peak% ours':>10s} {'floor s':>8s} {'ours/floor':>10s} {'max|diff|':>9s}")
+        for r in rep["rows"]:
+            label = f"B={r['B']} x C={r['C']} {r['kind']} ({r['start_text']}/{r['start_image']})"
+            ext = "" if r["anchor_pairs_timed"] == r["B"] * r["C"] else "*"
+            print(f"{label:28s} {r['anchor_s']:9.2f}{ext or ' '} {r['ours_s']:9.3f} {r['ratio']:6.1f}x "
+                  f"{r['gflop_anchor']:13.1f} {r['gflop_ours']:11.1f} {100 * r['peak_frac_anchor']:9.0f}% "
+                  f"{100 * r['peak_frac_ours']:9.0f}% {r['floor_s']:8.3f} {r['ours_s'] / r['floor_s']:9.1f}x "
+                  f"{r['max_abs_diff']:9.1e}")
+        print("* anchor timed on %d pair(s) and extrapolated per pair to B x C" % args.anchor_pairs)
 
 
 if __name__ == "__main__":

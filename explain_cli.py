@@ -1,0 +1,97 @@
+"""`xclip explain`: relevance maps for images x texts as one labelled PNG grid (+ a self-contained HTML page).
+
+    xclip explain --image a.png b.png --text "a red star" "a blue circle" --out outputs/explain
+    xclip explain --config configs/explain/world_example.yaml [--print_config]
+    xclip explain --image photo.jpg --text "a dog" --backbone ViT-B-32 --pretrained openai --out out/
+
+Writes OUT/explain.png (rows images, columns texts: image relevance overlay, the text's token heat strip, cosine
+similarity and softmax-over-texts probability), OUT/explain.html with --html true (the default), and logs both to
+W&B with --wandb PROJECT (offline unless a W&B key is configured).  Inputs and the output folder are checked before
+any model is built.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+DEFAULT_BACKBONE = "tiny-vit-world"
+DEFAULT_PRETRAINED = "synthetic-world"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="xclip explain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable); flags override it")
+    p.add_argument("--image", type=str, nargs="+", required=True, help="image file(s)")
+    p.add_argument("--text", type=str, nargs="+", required=True, help="text(s) to explain each image against")
+    p.add_argument("--out", type=str, required=True, help="output folder (created)")
+    p.add_argument("--backbone", type=str, default=DEFAULT_BACKBONE, help="open_clip model name")
+    p.add_argument("--pretrained", type=Optional[str], default=DEFAULT_PRETRAINED,
+                   help="pretrained tag / weights file (default: the shipped world CLIP)")
+    p.add_argument("--start_layer_text", type=int, default=0, help="first text layer in R (0 = all, -1 = last)")
+    p.add_argument("--start_layer_image", type=int, default=-1, help="first image layer in R (-1 = last, 0 = all)")
+    p.add_argument("--html", type=bool, default=True, help="also write a self-contained explain.html")
+    p.add_argument("--wandb", type=Optional[str], default=None, help="W&B project to log to (off when unset)")
+    p.add_argument("--device", type=str, default="cpu")
+    return p
+
+
+def _check_out_dir(out: Path) -> None:
+    """Create ``out`` and prove it is writable, before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out} is not a writable folder: {e.strerror or e}") from None
+
+
+def run(cfg) -> dict:
+    """Checks, then the work. Returns {"png": path, "html": path | None, "wandb": dir | None, "result": ExplainResult}."""
+    from xclip.models.explain import load_images
+
+    images = load_images(cfg.image)  # every image readable, else one error naming all bad paths
+    texts = [t for t in cfg.text if t.strip()]
+    if len(texts) != len(cfg.text):
+        raise ValueError("--text entries must be non-empty.")
+    out = Path(cfg.out).expanduser()
+    _check_out_dir(out)
+    if cfg.wandb is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb needs the wandb package (pip install wandb).")
+
+    from xclip.models.clip_backbone import build_clip
+    from xclip.models.explain import explain, log_wandb, write_grid_png, write_html
+
+    backbone = build_clip(cfg.backbone, cfg.pretrained, device=cfg.device).freeze()
+    labels = [Path(p).name for p in cfg.image]
+    result = explain(backbone, images, texts, start_layer_text=cfg.start_layer_text,
+                     start_layer_image=cfg.start_layer_image, labels=labels)
+    png = write_grid_png(result, out / "explain.png")
+    page = write_html(result, out / "explain.html") if cfg.html else None
+    run_dir = log_wandb(result, png, cfg.wandb, out) if cfg.wandb is not None else None
+    return {"png": png, "html": page, "wandb": run_dir, "result": result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        done = run(cfg)
+    except ValueError as e:
+        print(f"xclip explain: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {done['png']}" + (f" and {done['html']}" if done["html"] else "")
+          + (f"; W&B run in {done['wandb']}" if done["wandb"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
