@@ -196,8 +196,7 @@ def render_grid(result: ExplainResult):
             x0 = left + c * cell_w
             ax = fig.add_axes([x0 + cell_w * pad, y0 + cell_h - img_h + img_h * 0.13,
                                cell_w * (1 - 2 * pad), img_h * 0.85])
-            over = overlay_relevance(result.images[b], result.image_relevance[b, c])
-            ax.imshow(np.asarray(over), interpolation="nearest")
+            ax.imshow(np.asarray(_overlay(result, b, c)), interpolation="antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             for side in ax.spines.values():
@@ -231,6 +230,14 @@ def write_grid_png(result: ExplainResult, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ HTML
+def _overlay(result: "ExplainResult", b: int, c: int, size: int = 224) -> Image.Image:
+    """The image upsampled (bicubic) to ``size`` first, so the heat map is smooth at display size."""
+    from xclip.models.relevance_viz import _to_pil
+
+    base = _to_pil(result.images[b]).resize((size, size), Image.BICUBIC)
+    return overlay_relevance(base, result.image_relevance[b, c])
+
+
 def _png_data_uri(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -246,8 +253,7 @@ def render_html(result: ExplainResult, size: int = 224) -> str:
         best = int(result.similarity[b].argmax())
         cells = []
         for c in range(C):
-            over = overlay_relevance(result.images[b], result.image_relevance[b, c]).resize((size, size),
-                                                                                          Image.BILINEAR)
+            over = _overlay(result, b, c, size)
             pieces, scores = result.token_scores(b, c)
             v = scores.float().numpy()
             v01 = (v - v.min()) / (v.max() - v.min()) if len(v) and v.max() > v.min() else np.zeros_like(v)
@@ -298,7 +304,7 @@ def log_wandb(result: ExplainResult, png: str | Path, project: str, out_dir: str
         table = wandb.Table(columns=["image", "text", "cos", "p", "overlay"])
         for b, label in enumerate(result.labels):
             for c, text in enumerate(result.texts):
-                over = overlay_relevance(result.images[b], result.image_relevance[b, c])
+                over = _overlay(result, b, c)
                 table.add_data(label, text, float(result.similarity[b, c]), float(result.probs[b, c]),
                                wandb.Image(over))
         run.log({"explain/grid": wandb.Image(str(png)), "explain/pairs": table})

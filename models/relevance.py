@@ -10,23 +10,30 @@ and the explained row of ``R`` is read: the EOT row for text, the CLS row (witho
 
 Public API (names are fixed; other methods code against them)::
 
+    relevance(backbone, images, tokens, towers=("text", "visual"), start_layer_text=0, start_layer_image=-1)
+        -> Relevance(text [B, C, L], image [B, C, N], similarity [B, C], text_features, image_features)
+    text_relevance(backbone, images, tokens)                  -> [B, C, L]   view: towers=("text",)
+    image_relevance(backbone, images, tokens)                 -> [B, C, N]   view: towers=("visual",)
+    text_relevance_from_embeddings(backbone, image_features, embeds, eot_index) -> ([B, C, L], [C, D])  (CoOp)
     with capture_attention(backbone.model, towers=("text", "visual")) as store: ...   # store.probs["text"]: list of [B,H,N,N]
-    text_relevance(backbone, images, tokens)                  -> [B, C, L]   EOT row, all text layers by default
-    image_relevance(backbone, images, tokens)                 -> [B, C, N]   CLS row over the N patches, last layer by default
     encode_text_from_embeddings(backbone, embeds, eot_index)  -> [C, D]      (CoOp: learned prompt embeddings)
-    text_relevance_from_embeddings(backbone, image_features, embeds, eot_index) -> ([B, C, L], [C, D])
     normalise_token_relevance(rel, eot_index, mode)           -> per-application normalisation (spec §1.6)
     word_relevance(token_relevance, tokens, tokenizer, texts) -> word scores (max over a word's tokens)
     word_token_spans(tokenizer, text)                          -> [(word, start, end)] token positions of each word
 
-Batching (spec §1.8): the text tower runs once on the C texts; for a fixed image b, ``y_b = sum_c s(x_b, t_c)`` gives
-the per-text gradients of all C texts in one backward (texts do not interact), so text relevance costs one text
-forward plus B backward passes.  Image relevance runs the image tower once on the B images and does one backward per
-text with ``y_c = sum_b s(x_b, t_c)``.  Two exact shortcuts make it cheaper still:
-  * only the explained row is needed, so it is propagated as a row vector, ``r <- r + r @ Abar_l`` from the last layer
-    down to ``start_layer`` (same value as reading the row of the full product, O(N^2) per layer instead of O(N^3));
+Cost (docs/relevance.md has the numbers): one forward of each tower for all B x C pairs (spec §1.8: the image is
+never repeated per text); for a fixed image b, ``y_b = sum_c s(x_b, t_c)`` gives the per-text gradients of all C
+texts in one backward (texts do not interact), and for a fixed text c, ``y_c = sum_b s(x_b, t_c)`` those of all B
+images: B text-tower passes and C image-tower passes, each run as one vmapped backward (``is_grads_batched``).
+Exact shortcuts:
+  * backward no deeper than the start layer: blocks below it run without a graph (under no_grad) when nothing
+    upstream needs grad, and the first captured block gets a detached leaf as input;
+  * the last block is computed for the pooled token only (CLS / EOT: K and V for all tokens, the rest for one), and
+    only the explained row of R is propagated, as a row vector ``r <- r + r @ Abar_l`` from the last layer down;
   * with the causal text mask, tokens after the last EOT of a chunk cannot influence any EOT feature, so the text
     sequence is cut to ``max(eot) + 1`` tokens (relevance there is exactly 0 and is padded back).
+Memory: the graph held at once is one chunk of ``chunk_size`` texts (plus the B images); one batched backward holds
+at most ``chunk_size x context_length`` token rows of activations.
 """
 from __future__ import annotations
 
