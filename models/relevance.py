@@ -313,7 +313,7 @@ def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
 
 # ================================================================================================ fast towers
 # The relevance engine runs each tower with its blocks swapped (instance attribute ``forward``) for one of:
-#   skip     blocks below start_layer when nothing upstream needs grad: stock (fused) forward under no_grad;
+#   skip     blocks below start_layer when nothing upstream needs grad: explicit attention under no_grad;
 #   plain    blocks below start_layer otherwise: explicit attention, probabilities not kept;
 #   capture  explicit attention, probabilities kept (the input of the first captured block is detached into a
 #            fresh leaf when the tower is depth-limited, so the backward stops there);
@@ -398,7 +398,9 @@ def _relevance_tower(model: nn.Module, tower: str, start_layer: int, *, depth_li
                     raise RelevanceError(f"Cross-attention in a {tower} block is not supported by the relevance engine.")
                 if _mode == "skip":
                     with torch.no_grad():
-                        return type(self).forward(self, q_x, attn_mask=attn_mask)
+                        scratch.clear()
+                        return _block_tail(self, q_x, _explicit_attention(self, scratch, tower, self.ln_1(q_x),
+                                                                          attn_mask=attn_mask))
                 if _leaf:
                     q_x = q_x.detach().requires_grad_(True)
                 if _mode == "pooled":
