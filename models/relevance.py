@@ -615,6 +615,13 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                     rel_v.append(torch.cat(cols, dim=0).transpose(0, 1))  # [B, c, N]
             if want_t and rel_t[-1].shape[-1] < L:
                 rel_t[-1] = F.pad(rel_t[-1], (0, L - rel_t[-1].shape[-1]))  # [B, c, L]
+            # free this chunk's graph now unless a result has to stay attached (memory bounded by one chunk)
+            if want_t and not text_attached:
+                rel_t[-1] = rel_t[-1].detach()
+            if want_v and not image_attached:
+                rel_v[-1] = rel_v[-1].detach()
+            if not src_t:
+                feats[-1] = feats[-1].detach()
 
     text_rel = torch.cat(rel_t, dim=1) if want_t else None
     image_rel = torch.cat(rel_v, dim=1) if want_v else None
