@@ -86,7 +86,7 @@ def load_eval_model(args):
     if args.projection:
         from xclip.lightning_modules.spelling import load_projection
 
-        projection = load_projection(args.projection, expected_backbone=backbone.spec())
+        projection = load_projection(args.projection, expected_backbone=backbone.spec(), expected_dim=backbone.embed_dim)
     elif method is not None and hasattr(method, "projection_matrix"):
         projection = method.projection_matrix().detach()
         method = None

@@ -21,11 +21,11 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SUBCOMMAND_MODULES: list[str] = [
-    "generation.styleclip_optimize",
-    "generation.global_directions",
-    "generation.styleclip_mapper",
-    "generation.zerocap",
-    "generation.vqgan_clip",
+    "xclip.generation.styleclip_optimize",
+    "xclip.generation.global_directions",
+    "xclip.generation.styleclip_mapper",
+    "xclip.generation.zerocap",
+    "xclip.generation.vqgan_clip",
 ]
 
 
@@ -44,10 +44,14 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     args = parser.parse_args(argv)
     if not getattr(args, "config", None):
         return args
-    import yaml
+    from xclip.utils.io import read_yaml
 
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        cfg = read_yaml(args.config, "--config file")
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from e
+    if cfg is None:
+        raise SystemExit(f"{args.config} is empty: expected a mapping of option: value")
     if not isinstance(cfg, dict):
         raise SystemExit(f"{args.config}: expected a mapping of option: value, got {type(cfg).__name__}")
     sub = parser._subparsers._group_actions[0].choices[args.command]  # the chosen subcommand's parser

@@ -40,6 +40,18 @@ class CLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would rebuild the model from the checkpoint's ``_class_path``/hyperparameters (a class named
+        in a file); here the config decides, and the file must be safe to read and hold the configured method."""
+        from pathlib import Path
+
+        from xclip.lightning_modules.base import check_resume_checkpoint
+
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_resume_checkpoint(ckpt_path, self.config[sub].get("model", {}).get("class_path"))
+
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # checkpoints are written atomically

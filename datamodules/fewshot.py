@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from xclip.utils.io import atomic_write_json
+from xclip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +281,9 @@ def load_or_create_manifest(source, path: Path, shots: int, seed: int, allow_few
                             test_split: str | None = None) -> dict:
     if path.is_file():
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise FewShotDataError(f"Split file {path} is not valid JSON ({e}); delete it to resample.") from e
+            manifest = read_json(path, "Split file")
+        except ValueError as e:
+            raise FewShotDataError(f"{e}; delete it to resample.") from e
         check_manifest(manifest, source, path, shots, seed)
         return manifest
     manifest = sample_split(source, shots, seed, allow_fewer, test_split)

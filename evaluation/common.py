@@ -83,8 +83,8 @@ def read_json_file(path: str | Path, suite: str, kind: type, expected: str) -> A
     if not p.is_file():
         raise FileNotFoundError(f"{suite}: {p} not found; expected {expected}")
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{suite}: {p} is not valid JSON ({e})") from e
     if not isinstance(data, kind):
         raise ValueError(f"{suite}: {p} must hold {expected}; got {type(data).__name__}")

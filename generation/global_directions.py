@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from xclip.models.clip_backbone import ClipBackbone
 from xclip.models.stylegan2 import Generator
-from xclip.utils.io import atomic_torch_save, safe_torch_load
+from xclip.utils.io import atomic_torch_save, load_torch_dict
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: Style
             "generator": {"size": generator.size, "style_dim": generator.style_dim}, **(cache_meta or {})}
     path = Path(cache_dir) / f"fs3_{_cache_key(meta)}.pt" if cache_dir else None
     if path is not None and path.is_file():
-        cached = safe_torch_load(path, "channel-relevance cache")
+        cached = load_torch_dict(path, "channel-relevance cache", ("fs3", "index"), "; delete it to recompute")
         log.info("channel relevance loaded from cache %s", path)
         return cached["fs3"], [tuple(x) for x in cached["index"]]
     dev = generator.device
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
              "stats_samples": args.stats_samples, "arch": [args.n_mlp, args.channel_multiplier, args.channel_max]}
     stats_path = Path(args.cache_dir) / f"s_stats_{_cache_key(ident)}.pt"
     if stats_path.is_file():
-        d = safe_torch_load(stats_path, "S statistics cache")
+        d = load_torch_dict(stats_path, "S statistics cache", ("mean", "std", "codes"), "; delete it to recompute")
         stats = StyleStats(d["mean"], d["std"], d["codes"])
     else:
         stats = style_statistics(gen, n_samples=args.stats_samples, n_codes=max(args.n_images, 1),

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from xclip.datamodules.latents import load_latents
     from xclip.generation.global_directions import _bar
-    from xclip.lightning_modules.base import load_method_checkpoint
+    from xclip.lightning_modules.base import load_method_checkpoint, resolve_method
     from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
     from xclip.utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
 
@@ -85,8 +85,9 @@ def run(args: argparse.Namespace) -> dict:
     # validate the latent file against the checkpoint's generator before building anything big
     ckpt = safe_torch_load(args.ckpt, "mapper checkpoint")
     ckpt = ckpt if isinstance(ckpt, dict) else {}
-    if not str(ckpt.get("method", "")).endswith(".StyleCLIPMapperModule"):
-        load_method_checkpoint(args.ckpt, expected=StyleCLIPMapperModule)  # raises, naming what the file holds
+    if not isinstance(ckpt.get("state_dict"), dict) or "method" not in ckpt:
+        load_method_checkpoint(args.ckpt, expected=StyleCLIPMapperModule)  # raises, naming what the file lacks
+    resolve_method(ckpt["method"], args.ckpt, expected=StyleCLIPMapperModule)  # fixed table; raises, naming both
     hp = ckpt.get("hyper_parameters", {})
     size, style_dim = int(hp.get("generator_size", 1024)), int(hp.get("style_dim", 512))
     del ckpt

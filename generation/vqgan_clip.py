@@ -425,7 +425,8 @@ def run_cli(args: argparse.Namespace) -> GenerationResult:
     if args.projection:
         from xclip.lightning_modules.spelling import load_projection
 
-        projection = load_projection(args.projection, expected_backbone=backbone.spec()).to(args.device)
+        projection = load_projection(args.projection, expected_backbone=backbone.spec(),
+                                     expected_dim=backbone.embed_dim).to(args.device)
     res = generate(vqgan, backbone, prompts, cfg, out_dir=args.out, progress=not args.no_progress,
                    projection=projection)
     first, last = res.losses[0]["total"] if res.losses else float("nan"), \

@@ -439,7 +439,9 @@ def reference_metrics(results: list[dict], references_json: str) -> dict:
 
     from torchmetrics.functional.text import bleu_score
 
-    refs = json.loads(Path(references_json).read_text())
+    from xclip.utils.io import read_json
+
+    refs = read_json(references_json, "--references file")
     preds, targets = [], []
     for r in results:
         if "image" not in r:

@@ -38,7 +38,7 @@ def test_fit_writes_slim_checkpoint_that_evaluate_can_rebuild(toy_config, tmp_pa
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert set(ckpt["state_dict"]) == {"W"}  # the frozen CLIP is not saved
     assert ckpt["backbone"] == {"name": "tiny-vit-test", "pretrained": None}
-    assert ckpt["method"] == "_toy_methods.ToyProjection"
+    assert ckpt["method"] == "ToyProjection"  # a name looked up in code, never an import path
     module = load_method_checkpoint(ckpt_path, expected=ToyProjection)
     assert torch.equal(module.W, cli.model.W.detach())
     assert (tmp_path / "run" / "config.yaml").is_file()  # resolved config saved beside the run

@@ -26,10 +26,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-class _ModelCheckpoint:  # stands in for the lightning callback class pickled as a key in real taming ckpts
-    pass
-
-
 def _taming_files(tmp_path: Path, n_embed: int = 32, embed_dim: int = 8, extra_keys: bool = True):
     ref = tiny_vqgan(n_embed=n_embed, embed_dim=embed_dim, seed=3)
     state = dict(ref.state_dict())
@@ -37,8 +33,17 @@ def _taming_files(tmp_path: Path, n_embed: int = 32, embed_dim: int = 8, extra_k
         state["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
         state["loss.discriminator.main.0.weight"] = torch.zeros(64, 3, 4, 4)
         state["loss.logvar"] = torch.zeros(())
-    ckpt = {"state_dict": state, "epoch": 7, "global_step": 123, "callbacks": {_ModelCheckpoint: {"best": 1.0}},
-            "hparams": argparse.Namespace(lr=4.5e-6)}
+    import numpy as np
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    # the real layout: the Lightning callback CLASS pickled as the key of ``callbacks`` (its state may hold
+    # tensors and numpy scalars), optimizer states, an argparse Namespace of hparams
+    callback_state = {"monitor": "val/rec_loss", "best_model_score": torch.tensor(0.25),
+                      "best_model_path": "logs/x/checkpoints/last.ckpt", "current_score": np.float64(0.3)}
+    ckpt = {"epoch": 7, "global_step": 123, "pytorch-lightning_version": "1.0.8",
+            "callbacks": {ModelCheckpoint: callback_state},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9), "params": [0]}]}],
+            "lr_schedulers": [], "state_dict": state, "hparams": argparse.Namespace(lr=4.5e-6)}
     (tmp_path / "m.yaml").write_text(taming_yaml(TINY_DDCONFIG, n_embed, embed_dim))
     torch.save(ckpt, tmp_path / "m.ckpt")
     return ref, tmp_path / "m.yaml", tmp_path / "m.ckpt"
@@ -55,7 +60,7 @@ def test_taming_state_dict_keys_and_strict_load(tmp_path):
         assert k in keys, k
     with pytest.raises(Exception):  # a real-format ckpt is refused by weights_only=True ...
         torch.load(ckpt_path, weights_only=True)
-    model = load_vqgan(yaml_path, ckpt_path)  # ... and read by the safe fallback, loss.* dropped, strict
+    model = load_vqgan(yaml_path, ckpt_path)  # ... and read with the exact taming allowlist, loss.* dropped, strict
     for k, v in ref.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -86,14 +91,15 @@ def test_yaml_ckpt_mismatch_and_bad_config_errors(tmp_path):
         load_vqgan(yaml_path, tmp_path / "junk.ckpt")
 
 
-def test_safe_fallback_runs_no_code(tmp_path):
+def test_safe_loader_runs_no_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     ref, yaml_path, _ = _taming_files(tmp_path)
     torch.save({"state_dict": ref.state_dict(), "evil": Evil()}, tmp_path / "evil.ckpt")
-    load_vqgan(yaml_path, tmp_path / "evil.ckpt")
+    with pytest.raises(VQGANConfigError, match=r"evil\.ckpt.*posix\.system|evil\.ckpt.*os\.system"):
+        load_vqgan(yaml_path, tmp_path / "evil.ckpt")
     assert not (tmp_path / "pwned").exists()
 
 

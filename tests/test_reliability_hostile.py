@@ -1,0 +1,454 @@
+"""Hostile-file battery: every entry point that reads a user-supplied file refuses hostile files clearly.
+
+Each hostile file (classic ``__reduce__`` payload, dotted global through ``torch._utils``, a class path in the
+checkpoint metadata, a TorchScript archive, plain pickles, a zip with extra records, truncated / garbage / empty
+files, a YAML python tag, a numpy object array) is fed to each entry point in ``ENTRY_POINTS``; every pair must raise
+an error whose message names the file, and no payload may run (it would create a marker file).
+
+``ENTRY_POINTS`` must name exactly the inputs listed in ``xclip.utils.io.FILE_INPUTS`` (the one documented list);
+CLI flags are spelled in the small adapters below, so a renamed flag is fixed in one place.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import os
+import pickle
+import random
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from xclip.utils.io import FILE_INPUTS
+
+pytestmark = pytest.mark.reliability
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+# ---- hostile files -----------------------------------------------------------------------------------------
+def _marker(tmp: Path) -> Path:
+    return tmp / "PWNED"
+
+
+class _Reduce:
+    """Unpickling this runs ``touch <marker>`` (the classic payload)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _dotted_pickle(marker: Path) -> bytes:
+    """Protocol 4: STACK_GLOBAL('torch._utils', '_rebuild_tensor.__builtins__.get')('eval')("...touch...")."""
+    def s(x: str) -> bytes:
+        b = x.encode()
+        return b"\x8c" + bytes([len(b)]) + b if len(b) < 256 else b"X" + len(b).to_bytes(4, "little") + b
+
+    code = f"__import__('os').system('touch {marker}')"
+    return (b"\x80\x04" + s("torch._utils") + s("_rebuild_tensor.__builtins__.get") + b"\x93"
+            + s("eval") + b"\x85R" + s(code) + b"\x85R" + b".")
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _zip_with_data_pkl(payload: bytes) -> bytes:
+    """A torch zip archive whose data.pkl is ``payload``."""
+    src = zipfile.ZipFile(io.BytesIO(_torch_bytes({"x": 1})))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, payload if info.filename.endswith("/data.pkl") else src.read(info))
+    return out.getvalue()
+
+
+def _zip_extra_records(marker: Path) -> bytes:
+    """A valid torch file of unrelated content plus extra records: a pickle payload and a duplicate data.pkl."""
+    evil = pickle.dumps({"evil": _Reduce(marker)}, protocol=2)
+    buf = io.BytesIO(_torch_bytes({"unrelated": torch.zeros(2)}))
+    prefix = zipfile.ZipFile(buf).namelist()[0].split("/")[0]
+    buf.seek(0, io.SEEK_END)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name" is the point
+        with zipfile.ZipFile(buf, "a") as z:
+            z.writestr(f"{prefix}/extra.pkl", evil)
+            z.writestr(f"{prefix}/data.pkl", evil)
+    return buf.getvalue()
+
+
+def _torchscript() -> bytes:
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(torch.zeros(4, 4))
+
+        def forward(self, x):
+            return x @ self.W
+
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(M()), buf)
+    return buf.getvalue()
+
+
+def _npy_object(marker: Path) -> bytes:
+    buf = io.BytesIO()
+    arr = np.empty(1, dtype=object)
+    arr[0] = _Reduce(marker)
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+HOSTILE: dict[str, Callable[[Path], bytes]] = {
+    "reduce": lambda m: _torch_bytes({"state_dict": {"W": torch.zeros(2, 2)}, "evil": _Reduce(m)}),
+    "dotted_global": lambda m: _zip_with_data_pkl(_dotted_pickle(m)),
+    "dotted_plain": _dotted_pickle,
+    "method_class_path": lambda m: _torch_bytes({
+        "state_dict": {"W": torch.zeros(2, 2)}, "method": "subprocess.Popen", "backbone": {"name": "tiny-vit-test"},
+        "hyper_parameters": {"args": ["touch", str(m)]}, "pytorch-lightning_version": "2.6.6", "epoch": 0,
+        "global_step": 0}),
+    "torchscript": lambda m: _torchscript(),
+    "plain_pickle": lambda m: pickle.dumps({"state_dict": {}, "evil": _Reduce(m)}, protocol=2),
+    "zip_extra_records": _zip_extra_records,
+    "truncated": lambda m: _torch_bytes({"state_dict": {"W": torch.randn(64, 64)}})[:3000],
+    "garbage": lambda m: random.Random(0).randbytes(1 << 20),
+    "empty": lambda m: b"",
+    "yaml_python_tag": lambda m: f"!!python/object/apply:os.system ['touch {m}']\n".encode(),
+    "npy_object": _npy_object,
+}
+
+
+# ---- entry points --------------------------------------------------------------------------------------------
+@dataclass
+class EntryPoint:
+    """``call(file, tmp)`` feeds the hostile ``file`` (already at ``tmp / where``) to one entry point.
+
+    ``recomputes``: a cache whose readable content is incomplete is recomputed and replaced (with a warning naming
+    it) instead of raising; ``call`` then returns the cache path. Unreadable files must still raise.
+    """
+    call: Callable[[Path, Path], Any]
+    where: str = "input.pt"
+    recomputes: bool = False
+
+
+TOY_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"max_steps": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False},
+    "model": {"class_path": "_toy_methods.ToyProjection", "init_args": {"k": 8}},
+    "data": {"class_path": "_toy_methods.ToyData", "init_args": {"n": 4}},
+}
+
+
+def _train_ckpt_path(f: Path, tmp: Path):
+    from xclip import train
+
+    cfg = dict(TOY_CONFIG, trainer=dict(TOY_CONFIG["trainer"], default_root_dir=str(tmp / "run")))
+    (tmp / "toy.yaml").write_text(yaml.safe_dump(cfg))
+    train.main(["fit", "--config", str(tmp / "toy.yaml"), "--ckpt_path", str(f)])
+
+
+def _evaluate(*flags: str):
+    def call(f: Path, tmp: Path):
+        from xclip import evaluate
+
+        args = [a.replace("{f}", str(f)).replace("{tmp}", str(tmp)) for a in flags]
+        evaluate.main([*args, "--out", str(tmp / "results.json"), "--device", "cpu"])
+    return call
+
+
+def _generate(*flags: str, setup: Callable[[Path], None] | None = None):
+    def call(f: Path, tmp: Path):
+        from xclip import generate
+
+        if setup is not None:
+            setup(tmp)
+        generate.main([a.replace("{f}", str(f)).replace("{tmp}", str(tmp)) for a in flags])
+    return call
+
+
+def _tiny_vqgan_yaml(tmp: Path) -> None:
+    from xclip.models.vqgan import TINY_DDCONFIG, taming_yaml
+
+    (tmp / "vqgan.yaml").write_text(taming_yaml(TINY_DDCONFIG, 32, 8))
+
+
+TINY_GEN = ["--generator-size", "8", "--style-dim", "8", "--n-mlp", "1", "--channel-max", "8",
+            "--channel-multiplier", "1", "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu"]
+
+
+def _styleclip_global_stats(f: Path, tmp: Path):
+    """Hostile file in --cache-dir where the S statistics cache of this run is looked up."""
+    from xclip.generation import global_directions as gd
+
+    ident = {"generator_checkpoint": "None", "seed": 0, "stats_samples": 4, "arch": [1, 1, 8]}
+    (tmp / "cache").mkdir(exist_ok=True)
+    shutil.copy(f, tmp / "cache" / f"s_stats_{gd._cache_key(ident)}.pt")
+    from xclip import generate
+
+    generate.main(["styleclip-global", "--neutral", "face", "--target", "smiling face", "--stats-samples", "4",
+                   "--n-images", "2", "--cache-dir", str(tmp / "cache"), "--output-dir", str(tmp / "out"),
+                   "--no-progress", *TINY_GEN])
+
+
+def _analyze(*flags: str):
+    def call(f: Path, tmp: Path):
+        from xclip import analyze
+
+        analyze.main([a.replace("{f}", str(f)).replace("{tmp}", str(tmp)) for a in flags])
+    return call
+
+
+def _store_manifest(f: Path, tmp: Path):
+    from xclip.analysis.store import ShardedArray
+
+    ShardedArray(f.parent, f.stem)
+
+
+def _store_shard(f: Path, tmp: Path):
+    import json
+
+    from xclip.analysis.store import ShardedArray
+
+    (f.parent / "heads.json").write_text(json.dumps({"item_shape": [2], "dtype": "<f4", "complete": True,
+                                                     "shards": [{"file": f.name, "rows": 1}]}))
+    ShardedArray(f.parent, "heads").shard(0)
+
+
+def _mapper_file(f: Path, tmp: Path):
+    from xclip.models.mapper import LevelsMapper, load_styleclip_mapper
+
+    load_styleclip_mapper(f, LevelsMapper(latent_dim=8))
+
+
+def _feature_cache(f: Path, tmp: Path):
+    from PIL import Image
+
+    import xclip.datamodules.feature_cache as fc
+    from xclip.datamodules.quintuples import ImageFolderSource, QuintupleDataset
+    from xclip.models.clip_backbone import build_clip
+
+    for c in ("apple", "pear"):
+        (tmp / "imgs" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), (30 * i, 90, 200)).save(tmp / "imgs" / c / f"{i}.png")
+    backbone = build_clip("tiny-vit-test").freeze()
+    ds = QuintupleDataset(ImageFolderSource(tmp / "imgs"), "train", n=2, canvas_size=32)
+    path = tmp / "cache" / f"quintuples-{ds.split}-{fc.cache_key(backbone, ds.spec())}.pt"
+    path.parent.mkdir(exist_ok=True)
+    shutil.copy(f, path)
+    fc.cached_quintuple_features(backbone, ds, tmp / "cache", progress=False)
+    return path
+
+
+def _fewshot_split(f: Path, tmp: Path):
+    from PIL import Image
+
+    from xclip.datamodules.fewshot import ImageFolderSource, load_or_create_manifest
+
+    for c in ("apple", "pear"):
+        (tmp / "ds" / "train" / c).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp / "ds" / "train" / c / "0.png")
+    load_or_create_manifest(ImageFolderSource(tmp / "ds"), f, shots=1, seed=1)
+
+
+def _zerocap_references(f: Path, tmp: Path):
+    from xclip.generation.zerocap import reference_metrics
+
+    reference_metrics([{"image": "a.png", "caption": "a cat"}], str(f))
+
+
+def _clip_pretrain_export(f: Path, tmp: Path):
+    from xclip.lightning_modules import clip_pretrain
+
+    clip_pretrain.main(["export", str(f), "--out", str(tmp / "exported.pt")])
+
+
+def _spatial_prompts(f: Path, tmp: Path):
+    from xclip.evaluation.spatial_generation import load_layouts
+
+    load_layouts(str(f), 64)
+
+
+EVAL_TINY = ["--backbone", "tiny-vit-test"]
+ENTRY_POINTS: dict[str, EntryPoint] = {
+    "train --ckpt_path": EntryPoint(_train_ckpt_path, "resume.ckpt"),
+    "evaluate --ckpt": EntryPoint(_evaluate("--ckpt", "{f}", "--suite", "world"), "method.ckpt"),
+    "evaluate --projection": EntryPoint(_evaluate(*EVAL_TINY, "--projection", "{f}", "--suite", "world"), "W.ckpt"),
+    "evaluate --pretrained": EntryPoint(_evaluate(*EVAL_TINY, "--pretrained", "{f}", "--suite", "world"), "clip.pt"),
+    "evaluate --saliency-prf-file": EntryPoint(_evaluate(*EVAL_TINY, "--suite", "saliency_prf",
+                                                         "--saliency-prf-file", "{f}"), "maps.pt"),
+    "evaluate --spatial-generation-prompts": EntryPoint(_spatial_prompts, "layouts.json"),
+    "evaluate --spatial-generation-vqgan-ckpt": EntryPoint(_evaluate(
+        *EVAL_TINY, "--suite", "spatial_generation", "--spatial-generation-vqgan-config", "{tmp}/vqgan.yaml",
+        "--spatial-generation-vqgan-ckpt", "{f}", "--spatial-generation-out", "{tmp}/sg"), "vqgan.ckpt"),
+    "evaluate --spatial-generation-vqgan-config": EntryPoint(_evaluate(
+        *EVAL_TINY, "--suite", "spatial_generation", "--spatial-generation-vqgan-config", "{f}",
+        "--spatial-generation-out", "{tmp}/sg"), "vqgan.yaml"),
+    "generate --config": EntryPoint(_generate("styleclip-optimize", "--config", "{f}", "--output-dir", "{tmp}/o",
+                                              *TINY_GEN), "options.yaml"),
+    "generate styleclip-mapper --ckpt": EntryPoint(_generate("styleclip-mapper", "--ckpt", "{f}", "--n-random", "1",
+                                                             "--out", "{tmp}/o", "--no-progress"), "mapper.ckpt"),
+    "generate styleclip-optimize --generator-checkpoint": EntryPoint(_generate(
+        "styleclip-optimize", "--steps", "1", "--output-dir", "{tmp}/o", "--no-progress", *TINY_GEN,
+        "--generator-checkpoint", "{f}"), "G.pt"),
+    "generate styleclip-optimize --latent-path": EntryPoint(_generate(
+        "styleclip-optimize", "--steps", "1", "--output-dir", "{tmp}/o", "--no-progress", *TINY_GEN,
+        "--latent-path", "{f}"), "latent.pt"),
+    "generate styleclip-optimize --arcface-checkpoint": EntryPoint(_generate(
+        "styleclip-optimize", "--steps", "1", "--output-dir", "{tmp}/o", "--no-progress", *TINY_GEN,
+        "--id-lambda", "0.1", "--arcface-checkpoint", "{f}"), "model_ir_se50.pth"),
+    "generate styleclip-global --latent-path": EntryPoint(_generate(
+        "styleclip-global", "--neutral", "face", "--target", "smiling face", "--output-dir", "{tmp}/o",
+        "--cache-dir", "{tmp}/cache", "--no-progress", *TINY_GEN, "--latent-path", "{f}"), "latents.pt"),
+    "generate styleclip-global --cache-dir": EntryPoint(_styleclip_global_stats, "stats.pt"),
+    "generate vqgan-clip --vqgan_ckpt": EntryPoint(_generate(
+        "vqgan-clip", "--prompt", "0,0,16,16=a cat", "--width", "32", "--height", "32", "--vqgan_config", "{tmp}/vqgan.yaml", "--vqgan_ckpt", "{f}",
+        "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu", "--out", "{tmp}/o",
+        setup=_tiny_vqgan_yaml), "vqgan.ckpt"),
+    "generate vqgan-clip --vqgan_config": EntryPoint(_generate(
+        "vqgan-clip", "--prompt", "0,0,16,16=a cat", "--width", "32", "--height", "32", "--vqgan_config", "{f}", "--backbone", "tiny-vit-test",
+        "--pretrained", "none", "--device", "cpu", "--out", "{tmp}/o"), "vqgan.yaml"),
+    "generate vqgan-clip --projection": EntryPoint(_generate(
+        "vqgan-clip", "--prompt", "0,0,16,16=a cat", "--width", "32", "--height", "32", "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu",
+        "--projection", "{f}", "--out", "{tmp}/o"), "W.ckpt"),
+    "generate zerocap --references": EntryPoint(_zerocap_references, "refs.json"),
+    "analyze --pretrained": EntryPoint(_analyze("segment", "--backbone", "tiny-vit-test", "--pretrained", "{f}",
+                                                "--data", "world:2", "--device", "cpu"), "clip.pt"),
+    "analyze --store (manifest)": EntryPoint(_store_manifest, "store/heads.json"),
+    "analyze --store (shard)": EntryPoint(_store_shard, "store/heads-00000.npy"),
+    "mapper file": EntryPoint(_mapper_file, "mapper.pt"),
+    "feature cache": EntryPoint(_feature_cache, "features.pt", recomputes=True),
+    "few-shot split": EntryPoint(_fewshot_split, "split_1shot_seed1.json"),
+    "clip_pretrain export": EntryPoint(_clip_pretrain_export, "pretrain.ckpt"),
+}
+
+REFUSED: list[tuple[str, str]] = []  # filled as the battery runs; reported by the summary test
+
+
+def _setup_for(name: str, tmp: Path) -> None:
+    if "vqgan-ckpt" in name:
+        _tiny_vqgan_yaml(tmp)
+
+
+def test_entry_points_are_the_documented_list():
+    assert set(ENTRY_POINTS) == set(FILE_INPUTS), (
+        f"not covered: {sorted(set(FILE_INPUTS) - set(ENTRY_POINTS))}; "
+        f"undocumented: {sorted(set(ENTRY_POINTS) - set(FILE_INPUTS))}")
+
+
+@pytest.mark.parametrize("hostile", sorted(HOSTILE))
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_hostile_file_refused(entry, hostile, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # nothing lands in the repository even if an entry point writes defaults
+    marker = _marker(tmp_path)
+    ep = ENTRY_POINTS[entry]
+    f = tmp_path / ep.where
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(HOSTILE[hostile](marker))
+    _setup_for(entry, tmp_path)
+    try:
+        result = ep.call(f, tmp_path)
+    except BaseException as e:  # noqa: BLE001 -- SystemExit counts: the CLI refused
+        err = e
+    else:
+        assert not marker.exists(), f"{entry} ran the payload of {hostile}"
+        assert ep.recomputes, f"{entry} accepted the {hostile} file"
+        assert any(str(result) in r.getMessage() for r in caplog.records if r.levelname == "WARNING"), \
+            f"{entry} replaced the {hostile} file without a warning naming it"
+        from xclip.utils.io import safe_torch_load
+
+        assert isinstance(safe_torch_load(result), dict)  # the bad content was replaced by a valid cache
+        REFUSED.append((entry, hostile))
+        return
+    msg = str(err.code) if isinstance(err, SystemExit) else str(err)
+    assert not marker.exists(), f"{entry} ran the payload of {hostile}"
+    assert not isinstance(err, (KeyboardInterrupt, MemoryError)), msg
+    named = [p for p in (f, *tmp_path.rglob(f.name)) if str(p) in msg] or \
+        [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size == f.stat().st_size and str(p) in msg]
+    assert named, f"{entry} / {hostile}: message does not name the file:\n{type(err).__name__}: {msg[:1500]}"
+    REFUSED.append((entry, hostile))
+
+
+def test_no_payload_module_was_imported():
+    """The class path in a file is never imported (subprocess is imported by many libraries; check a unique one)."""
+    import sys
+
+    assert "xclip_hostile_probe" not in sys.modules
+
+
+# ---- static audit: every loader call in the package is a safe one ----------------------------------------
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            base = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+            yield node, base, name
+
+
+def _kw(node: ast.Call, key: str):
+    for k in node.keywords:
+        if k.arg == key:
+            return getattr(k.value, "value", k.value)
+    return None
+
+
+def test_every_loader_in_the_package_is_safe():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in ("tests", ".venv") or "site-packages" in rel.parts:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node, base, name in _calls(tree):
+            where = f"{rel}:{node.lineno}"
+            if base == "torch" and name == "load" and _kw(node, "weights_only") is not True:
+                bad.append(f"{where} torch.load without weights_only=True")
+            if base in ("np", "numpy") and name == "load" and _kw(node, "allow_pickle") is not False:
+                bad.append(f"{where} np.load without allow_pickle=False")
+            if base == "yaml" and name in ("load", "unsafe_load", "full_load", "load_all"):
+                bad.append(f"{where} yaml.{name} (use yaml.safe_load)")
+            if base in ("pickle", "cPickle", "dill", "joblib", "marshal") and name in ("load", "loads"):
+                bad.append(f"{where} {base}.{name}")
+            if name == "Unpickler":
+                bad.append(f"{where} custom Unpickler")
+            if base == "importlib" and name == "import_module" and not any(
+                    isinstance(a, (ast.Constant, ast.JoinedStr, ast.Subscript, ast.Name)) for a in node.args):
+                bad.append(f"{where} importlib.import_module of a computed name")
+            if isinstance(node.func, ast.Name) and name in ("eval", "exec"):
+                bad.append(f"{where} {name}()")
+    assert not bad, "unsafe loaders:\n" + "\n".join(bad)
+
+
+def test_import_module_names_come_from_code_tables():
+    """importlib.import_module is only called on names from fixed tables in code (cli, evaluate, generate)."""
+    allowed = {"cli.py", "evaluate.py", "generate.py"}
+    users = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in ("tests", ".venv"):
+            continue
+        for node, base, name in _calls(ast.parse(path.read_text(encoding="utf-8"))):
+            if base == "importlib" and name == "import_module":
+                users.add(str(rel))
+    assert users <= allowed, f"import_module outside the fixed tables: {sorted(users - allowed)}"
+
+
+def test_battery_summary(request):
+    """Runs last in this file: reports how many (entry point, hostile file) pairs were refused."""
+    n = len(ENTRY_POINTS) * len(HOSTILE)
+    print(f"\nhostile battery: {len(REFUSED)}/{n} refused ({len(ENTRY_POINTS)} entry points x {len(HOSTILE)} files)")
