@@ -452,3 +452,148 @@ def test_battery_summary(request):
     """Runs last in this file: reports how many (entry point, hostile file) pairs were refused."""
     n = len(ENTRY_POINTS) * len(HOSTILE)
     print(f"\nhostile battery: {len(REFUSED)}/{n} refused ({len(ENTRY_POINTS)} entry points x {len(HOSTILE)} files)")
+
+
+# ---- the method table ------------------------------------------------------------------------------------
+def _slim_ckpt(path: Path, method: Any, hparams: dict | None = None, state: dict | None = None) -> Path:
+    torch.save({"state_dict": state if state is not None else {"W": torch.zeros(8, 64)}, "method": method,
+                "backbone": {"name": "tiny-vit-test", "pretrained": None},
+                "hyper_parameters": hparams if hparams is not None else {"backbone": "tiny-vit-test",
+                                                                         "pretrained": None, "k": 8}}, path)
+    return path
+
+
+def test_method_table_names_and_legacy_strings():
+    from xclip.lightning_modules.base import LEGACY_METHOD_NAMES, METHODS, method_name, method_table
+    from xclip.lightning_modules.coop import CoOp
+
+    table = method_table()
+    assert set(table) == set(METHODS) == {"CoOp", "SpellingProjection", "StyleCLIPMapperModule", "ClipPretrain"}
+    for name, cls in table.items():
+        assert (cls.__module__, cls.__qualname__) == METHODS[name] and method_name(cls) == name
+    assert LEGACY_METHOD_NAMES["lightning_modules.coop.CoOp"] == "CoOp"
+    assert LEGACY_METHOD_NAMES["xclip.lightning_modules.coop.CoOp"] == "CoOp"
+    assert table[LEGACY_METHOD_NAMES["lightning_modules.spelling.SpellingProjection"]] is not CoOp
+
+
+def test_unknown_method_names_the_file_and_the_allowed_ones(tmp_path):
+    import sys
+
+    from xclip.lightning_modules.base import load_method_checkpoint
+
+    probe = _slim_ckpt(tmp_path / "probe.ckpt", "xclip_hostile_probe.Evil")
+    with pytest.raises(RuntimeError, match=r"probe\.ckpt: unknown method 'xclip_hostile_probe\.Evil'.*allowed "
+                                           r"methods: ClipPretrain, CoOp, SpellingProjection, StyleCLIPMapperModule"):
+        load_method_checkpoint(probe)
+    assert "xclip_hostile_probe" not in sys.modules
+    popen = _slim_ckpt(tmp_path / "popen.ckpt", "subprocess.Popen", {"args": ["touch", str(_marker(tmp_path))]})
+    with pytest.raises(RuntimeError, match="popen.ckpt: unknown method 'subprocess.Popen'"):
+        load_method_checkpoint(popen)
+    assert not _marker(tmp_path).exists()
+    with pytest.raises(RuntimeError, match=r"notastr\.ckpt: unknown method '<list>'"):
+        load_method_checkpoint(_slim_ckpt(tmp_path / "notastr.ckpt", ["subprocess", "Popen"]))
+
+
+def test_caller_methods_are_passed_in_code_and_expected_mismatch_names_both(tmp_path):
+    from _toy_methods import OtherToy, ToyProjection
+
+    from xclip.lightning_modules.base import load_method_checkpoint
+    from xclip.lightning_modules.coop import CoOp
+    from xclip.lightning_modules.spelling import SpellingProjection
+
+    toy = _slim_ckpt(tmp_path / "toy.ckpt", "ToyProjection")
+    with pytest.raises(RuntimeError, match="toy.ckpt: unknown method 'ToyProjection'"):
+        load_method_checkpoint(toy)  # a caller's class is known only when passed in code
+    module = load_method_checkpoint(toy, methods={"ToyProjection": ToyProjection})
+    assert isinstance(module, ToyProjection) and module.W.shape == (8, 64)
+    assert isinstance(load_method_checkpoint(toy, expected=ToyProjection), ToyProjection)
+    with pytest.raises(RuntimeError, match="toy.ckpt holds a ToyProjection checkpoint, expected OtherToy"):
+        load_method_checkpoint(toy, expected=OtherToy)
+    with pytest.raises(ValueError, match="would replace the project's CoOp"):
+        load_method_checkpoint(toy, methods={"CoOp": ToyProjection})
+    spelling = _slim_ckpt(tmp_path / "spelling.ckpt", "xclip.lightning_modules.spelling.SpellingProjection")
+    with pytest.raises(RuntimeError, match="spelling.ckpt holds a SpellingProjection checkpoint, expected CoOp"):
+        load_method_checkpoint(spelling, expected=CoOp)
+    legacy = load_method_checkpoint(_slim_ckpt(tmp_path / "legacy.ckpt", "lightning_modules.spelling.SpellingProjection",
+                                               state={"W": torch.zeros(8, 64)}), expected=SpellingProjection)
+    assert isinstance(legacy, SpellingProjection)
+
+
+def test_hyper_parameters_must_be_init_arguments(tmp_path):
+    from _toy_methods import ToyProjection
+
+    from xclip.lightning_modules.base import load_method_checkpoint
+
+    bad = _slim_ckpt(tmp_path / "inject.ckpt", "ToyProjection",
+                     {"backbone": "tiny-vit-test", "pretrained": None, "k": 8, "cmd": "rm -rf /"})
+    with pytest.raises(RuntimeError, match=r"inject\.ckpt: hyper_parameters \['cmd'\] are not arguments of "
+                                           r"ToyProjection"):
+        load_method_checkpoint(bad, methods={"ToyProjection": ToyProjection})
+    with pytest.raises(RuntimeError, match=r"list\.ckpt: 'hyper_parameters' is a list"):
+        load_method_checkpoint(_slim_ckpt(tmp_path / "list.ckpt", "ToyProjection", ["x"]),
+                               methods={"ToyProjection": ToyProjection})
+    with pytest.raises(RuntimeError, match=r"override\.ckpt: hyper_parameters \['kk'\]"):
+        load_method_checkpoint(_slim_ckpt(tmp_path / "override.ckpt", "ToyProjection"),
+                               methods={"ToyProjection": ToyProjection}, overrides={"kk": 1})
+
+
+# ---- train --ckpt_path ------------------------------------------------------------------------------------
+def _toy_yaml(tmp: Path, model: str = "ToyProjection", max_steps: int = 2, checkpointing: bool = True) -> Path:
+    trainer = dict(TOY_CONFIG["trainer"], max_steps=max_steps, enable_checkpointing=checkpointing,
+                   default_root_dir=str(tmp / "run"))
+    cfg = dict(TOY_CONFIG, trainer=trainer, model={"class_path": f"_toy_methods.{model}", "init_args": {"k": 8}})
+    path = tmp / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_resume_accepts_own_checkpoint_and_refuses_another_method(tmp_path):
+    from xclip import train
+
+    train.main(["fit", "--config", str(_toy_yaml(tmp_path))])
+    ckpt = sorted((tmp_path / "run").rglob("*.ckpt"))[-1]
+    cfg = yaml.safe_load(_toy_yaml(tmp_path, max_steps=3).read_text())
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(cfg))
+    cli = train.main(["fit", "--config", str(tmp_path / "more.yaml"), "--ckpt_path", str(ckpt)])
+    assert cli.trainer.global_step == 3  # resumed from step 2
+    with pytest.raises(RuntimeError, match=rf"--ckpt_path {ckpt} holds a ToyProjection checkpoint, but the config "
+                                           r"trains _toy_methods\.OtherToy"):
+        train.main(["fit", "--config", str(_toy_yaml(tmp_path, "OtherToy", 3)), "--ckpt_path", str(ckpt)])
+
+
+def test_resume_never_reconfigures_from_the_checkpoint_class_path(tmp_path):
+    """LightningCLI's default would turn a checkpoint's hyper_parameters._class_path into the model class."""
+    import sys
+
+    from xclip import train
+
+    train.main(["fit", "--config", str(_toy_yaml(tmp_path))])
+    ckpt = torch.load(sorted((tmp_path / "run").rglob("*.ckpt"))[-1], weights_only=True)
+    ckpt["hyper_parameters"] = {"_class_path": "xclip_hostile_probe.Model", "k": 8}
+    del ckpt["method"]
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    cli = train.main(["fit", "--config", str(_toy_yaml(tmp_path, max_steps=3)), "--ckpt_path",
+                      str(tmp_path / "evil.ckpt")])
+    assert type(cli.model).__name__ == "ToyProjection" and cli.trainer.global_step == 3
+    assert "xclip_hostile_probe" not in sys.modules
+
+
+# ---- atomic writes honour the umask ------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    from xclip.utils.io import AtomicCheckpointIO, atomic_torch_save, atomic_write_bytes, atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        atomic_write_json({"a": 1}, tmp_path / "a.json")
+        atomic_torch_save({"a": torch.zeros(1)}, tmp_path / "a.pt")
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "a.ckpt")
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives: the reference
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for name in ("a.bin", "a.json", "a.pt", "a.ckpt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+    assert not list(tmp_path.glob(".*.tmp"))
