@@ -234,6 +234,9 @@ def _mapper_file(f: Path, tmp: Path):
     load_styleclip_mapper(f, LevelsMapper(latent_dim=8))
 
 
+_FEATURE_CACHE_BACKBONE: dict[str, Any] = {}
+
+
 def _feature_cache(f: Path, tmp: Path):
     from PIL import Image
 
@@ -245,7 +248,9 @@ def _feature_cache(f: Path, tmp: Path):
         (tmp / "imgs" / c).mkdir(parents=True, exist_ok=True)
         for i in range(2):
             Image.new("RGB", (40, 30), (30 * i, 90, 200)).save(tmp / "imgs" / c / f"{i}.png")
-    backbone = build_clip("tiny-vit-test").freeze()
+    if "backbone" not in _FEATURE_CACHE_BACKBONE:  # built once: the cache key depends on its spec, not its weights
+        _FEATURE_CACHE_BACKBONE["backbone"] = build_clip("tiny-vit-test").freeze()
+    backbone = _FEATURE_CACHE_BACKBONE["backbone"]
     ds = QuintupleDataset(ImageFolderSource(tmp / "imgs"), "train", n=2, canvas_size=32)
     path = tmp / "cache" / f"quintuples-{ds.split}-{fc.cache_key(backbone, ds.spec())}.pt"
     path.parent.mkdir(exist_ok=True)
