@@ -23,7 +23,7 @@ from open_clip.loss import ClipLoss
 
 from xclip.datamodules.synthetic_world import SHAPES, class_prompts, word_prompt
 from xclip.models.clip_backbone import REPO_ROOT, build_clip
-from xclip.utils.io import atomic_torch_save, atomic_write_bytes, safe_torch_load
+from xclip.utils.io import atomic_torch_save, atomic_write_bytes, read_json, safe_torch_load
 
 MODEL_PREFIX = "clip.model."
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--card_json", default=None, help="JSON file with extra card fields (metrics, wall time, ...)")
     e.add_argument("--fp32", action="store_true")
     args = p.parse_args(argv)
-    card = json.loads(Path(args.card_json).read_text()) if args.card_json else None
+    card = read_json(args.card_json, "--card_json file") if args.card_json else None
     out = export_clip_weights(args.ckpt, args.out, card=card, fp16=not args.fp32)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
