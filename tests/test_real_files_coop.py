@@ -392,3 +392,25 @@ def test_evaluate_cli_on_prompt_file_and_coop_folder(tmp_path, world):
     z = res["suites"]["zeroshot"]
     assert z["n_images"] == 9 and z["n_classes"] == 3
     assert z["top1/method"] == z["top1/single"]
+
+
+def test_train_cli_on_coop_folder_from_prompt_file(tmp_path, monkeypatch, world):
+    """train.py fit with CoOpDatasetDataModule (a CoOp-layout folder) and init_ctx_from (a Dassl prompt file)."""
+    from xclip import train
+
+    repo = Path(__file__).resolve().parent.parent
+    write_coop_dataset(tmp_path / "DATA", "Caltech101", n={"train": 4, "val": 2, "test": 1})
+    path = write_dassl_prompt_file(tmp_path / "run0", world, NAMES, _phrase_ctx(world, "a photo of a"))
+    monkeypatch.chdir(tmp_path)
+    train.main(["fit", "--config", str(repo / "configs/coop/tiny_test.yaml"),
+                "--data", "xclip.datamodules.coop_datasets.CoOpDatasetDataModule",
+                "--data.init_args.dataset", "Caltech101", "--data.init_args.root", str(tmp_path / "DATA"),
+                "--data.init_args.shots", "2", "--data.init_args.image_size", str(world.image_size),
+                "--model.init_args.backbone", WORLD[0], "--model.init_args.pretrained", WORLD[1],
+                "--model.init_args.init_ctx_from", str(path), "--trainer.max_steps", "1",
+                "--trainer.default_root_dir", str(tmp_path / "run")])
+    ckpt = torch.load(next((tmp_path / "run").rglob("last.ckpt")), weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["classnames"] == CLASSES["Caltech101"] and hp["n_ctx"] == 4 and hp["init_ctx_from"] is None
+    assert ckpt["state_dict"]["prompt_learner.ctx"].shape == (4, world.model.token_embedding.weight.shape[1])
+    assert list((tmp_path / "data").rglob("shot_2-seed_1-dassl.json"))
