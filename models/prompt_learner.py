@@ -303,7 +303,8 @@ def is_dassl_prompt_checkpoint(path: str | Path) -> bool:
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:
         return False
-    return bool(unsafe) and unsafe <= {n for _, n in DASSL_CHECKPOINT_GLOBALS}
+    allowed = {n for _, n in DASSL_CHECKPOINT_GLOBALS}
+    return unsafe <= allowed and bool(unsafe & {"torch.optim.lr_scheduler.CosineAnnealingLR", "torch.optim.sgd.SGD"})
 
 
 def check_prompt_file_backbone(ckpt: DasslPromptCheckpoint, backbone: ClipBackbone, atol: float = 2e-3) -> None:

@@ -111,6 +111,11 @@ def test_dassl_prompt_file_loads_and_prompts_equal_clip_encoding(tmp_path, world
     with pytest.raises(Exception):  # what the project's plain safe load did before ("truncated or not a torch file?")
         torch.load(path, weights_only=True)
     assert is_dassl_prompt_checkpoint(path)
+    renamed = tmp_path / "coop_vitb32.pth"
+    renamed.write_bytes(path.read_bytes())
+    assert is_dassl_prompt_checkpoint(renamed)  # by the globals it pickles, not only by CoOp's file name
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "method": "x"}, tmp_path / "other.ckpt")
+    assert not is_dassl_prompt_checkpoint(tmp_path / "other.ckpt")
     ck = read_dassl_prompt_checkpoint(path)
     saved = torch.load(path, weights_only=False)  # trusted here: the test wrote it
     assert torch.equal(ck.ctx, saved["state_dict"]["ctx"].float()) and ck.epoch == 2 and not ck.csc
