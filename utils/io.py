@@ -174,6 +174,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 FILE_INPUTS: dict[str, str] = {
     "train --ckpt_path": "Lightning checkpoint to resume (AtomicCheckpointIO.load_checkpoint)",
     "evaluate --ckpt": "method checkpoint (base.load_method_checkpoint: fixed method table)",
+    "evaluate --ckpt (CoOp prompt file)": "CoOp/Dassl model.pth.tar-N (prompt_learner.read_dassl_prompt_checkpoint)",
+    "train --model.init_args.init_ctx_from": "CoOp/Dassl prompt file starting a CoOp run (same reader)",
+    "CoOp split_fewshot pkl": "CoOp split_fewshot/shot_K-seed_S.pkl (coop_datasets.read_split_fewshot_pkl)",
     "evaluate --projection": "spelling projection W (spelling.load_projection)",
     "evaluate --pretrained": "CLIP weights file (clip_backbone.load_clip_weights); also every other --pretrained",
     "evaluate --saliency-prf-file": "maps + boxes torch file (saliency_prf.load_maps_and_masks)",
