@@ -4,9 +4,20 @@ r"""Apply a trained StyleCLIP latent mapper to W+ latents (spec reference/stylec
         --latents data/styleclip/test_faces.pt --out results/mapper_purple_hair
     python generate.py styleclip-mapper --ckpt last.ckpt --n-random 8 --out results/mapper_random
 
-(``styleclip_mapper`` is accepted as an alias.) The checkpoint is the slim one written by ``train.py fit``
-(mapper tensors + hyperparameters); ``load_method_checkpoint`` rebuilds the generator and CLIP from the
-hyperparameters. ``--generator-checkpoint`` overrides a generator path that has moved. The ArcFace net is not
+    python generate.py styleclip-mapper --ckpt pretrained_models/mapper/afro.pt --latents test_faces.pt \
+        --out results/afro      # a mapper file released by / trained with StyleCLIP's own code
+
+(``styleclip_mapper`` is accepted as an alias.) ``--ckpt`` takes either
+
+- the slim checkpoint written by ``train.py fit`` (mapper tensors + hyperparameters); ``load_method_checkpoint``
+  rebuilds the generator and CLIP from the hyperparameters; or
+- a StyleCLIP mapper ``.pt`` (``mapper/training/coach.py``: ``{'state_dict': {'mapper.*', 'decoder.*'}, 'opts':
+  {...}}``), read with ``weights_only=True``: the levels come from ``opts['no_coarse_mapper']`` /
+  ``no_medium_mapper`` / ``no_fine_mapper``, the description from ``opts['description']``, the generator from the
+  file's ``decoder.*`` tensors, CLIP is ViT-B-32 / openai as in StyleCLIP (``--backbone`` / ``--pretrained``).
+
+``--generator-checkpoint`` overrides the generator (a path that has moved, or a StyleCLIP file without
+``decoder.*``); ``--backbone`` / ``--pretrained`` override the CLIP used for the stats. The ArcFace net is not
 built (inference does not use the ID loss).
 
 Each latent w is edited as w_hat = w + 0.1 * M(w); both are rendered with ``randomize_noise=False``.
@@ -26,7 +37,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +49,8 @@ def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser("styleclip-mapper", aliases=["styleclip_mapper"],
                               help="apply a trained StyleCLIP latent mapper to W+ latents",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="mapper checkpoint written by train.py fit (StyleCLIPMapperModule)")
+    p.add_argument("--ckpt", required=True,
+                   help="mapper checkpoint written by train.py fit, or a StyleCLIP mapper .pt (its own code's format)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--latents", default=None,
                      help="W+ latent file (N, n_latent, style_dim), e.g. e4e's test_faces.pt")
@@ -49,6 +63,10 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--generator-checkpoint", default=None,
                    help="override the generator checkpoint path stored in the mapper checkpoint")
+    p.add_argument("--backbone", default=None,
+                   help="CLIP for the stats (default: the checkpoint's; ViT-B-32 for StyleCLIP files)")
+    p.add_argument("--pretrained", default=None,
+                   help="CLIP weights: tag / file / 'none' (default: the checkpoint's; openai for StyleCLIP files)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", "--output-dir", dest="output_dir", default="results/styleclip_mapper")
     p.add_argument("--grid-rows", type=int, default=16, help="latents shown in grid.png")
@@ -56,6 +74,94 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--no-pairs", action="store_true", help="do not write pairs/NNNNN.png")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+# ---- loading: this project's checkpoints and StyleCLIP's own mapper files -------------------------------------
+@dataclass
+class MapperSource:
+    """A mapper file read once: ``kind`` ``"xclip"`` (train.py fit) or ``"styleclip"`` (StyleCLIP's ``.pt``), the
+    generator resolution / style dim the latents must have, and the loaded file."""
+
+    path: str
+    kind: str
+    size: int
+    style_dim: int
+    ckpt: dict[str, Any]
+
+
+def read_mapper_source(path: str) -> MapperSource:
+    """Read ``path`` (``weights_only=True``) and tell which kind of mapper file it is; errors name the file."""
+    from xclip.lightning_modules.base import load_method_checkpoint
+    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+    from xclip.models.mapper import is_styleclip_mapper_file, mapper_from_state
+    from xclip.models.stylegan2 import infer_generator_config
+    from xclip.utils.io import safe_torch_load
+
+    ckpt = safe_torch_load(path, "mapper checkpoint")
+    if is_styleclip_mapper_file(ckpt):
+        mf = mapper_from_state(ckpt, path)  # validates levels / tensors now
+        style_dim = int(mf.mapper.state_dict()[next(iter(mf.mapper.state_dict()))].shape[1])
+        if mf.decoder_state:
+            size = infer_generator_config(mf.decoder_state)["size"]
+        else:
+            size = int(mf.opts.get("stylegan_size", 1024))
+        return MapperSource(path, "styleclip", size, style_dim, ckpt)
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    if not str(ckpt.get("method", "")).endswith(".StyleCLIPMapperModule"):
+        load_method_checkpoint(path, expected=StyleCLIPMapperModule)  # raises, naming what the file holds
+    hp = ckpt.get("hyper_parameters", {})
+    return MapperSource(path, "xclip", int(hp.get("generator_size", 1024)), int(hp.get("style_dim", 512)), ckpt)
+
+
+def build_mapper_module(source: MapperSource, device: str, generator_checkpoint: str | None = None,
+                        backbone: str | None = None, pretrained: str | None = None):
+    """The StyleCLIPMapperModule (inference: no ArcFace, no image logging) of a mapper file."""
+    from xclip.lightning_modules.base import load_method_checkpoint
+    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+
+    overrides: dict[str, Any] = {"id_lambda": 0.0, "arcface_checkpoint": None, "image_log_every_n_steps": 0}
+    if generator_checkpoint:
+        overrides["generator_checkpoint"] = generator_checkpoint
+    if backbone:
+        overrides["backbone"] = backbone
+    if pretrained is not None:
+        overrides["pretrained"] = pretrained
+    if source.kind == "xclip":
+        return load_method_checkpoint(source.path, expected=StyleCLIPMapperModule, map_location=device,
+                                      overrides=overrides)
+    return _module_from_styleclip_file(source, overrides).to(device).eval()
+
+
+def _module_from_styleclip_file(source: MapperSource, overrides: dict[str, Any]):
+    """StyleCLIP's ``{'state_dict': {'mapper.*', 'decoder.*'}, 'opts'}``: levels and description from opts, the
+    generator from ``decoder.*`` (or ``--generator-checkpoint``), CLIP ViT-B-32/openai unless overridden."""
+    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
+    from xclip.models.mapper import MapperFileError, mapper_from_state
+    from xclip.models.stylegan2 import infer_generator_config, load_generator_state
+
+    mf = mapper_from_state(source.ckpt, source.path)
+    if not mf.description:
+        raise MapperFileError(f"{source.path}: opts has no 'description' (StyleCLIP's --description).")
+    gen_ckpt = overrides.get("generator_checkpoint")
+    if not gen_ckpt and not mf.decoder_state:
+        raise MapperFileError(f"{source.path} holds no 'decoder.*' generator tensors: pass the generator it was "
+                              f"trained with, --generator-checkpoint stylegan2-ffhq-config-f.pt.")
+    cfg = infer_generator_config(mf.decoder_state) if mf.decoder_state and not gen_ckpt else \
+        {"size": source.size, "style_dim": source.style_dim}
+    hp: dict[str, Any] = {"backbone": "ViT-B-32", "pretrained": "openai", "description": mf.description,  # StyleCLIP's
+                          "generator_size": cfg["size"], "style_dim": cfg["style_dim"], **mf.mapper.enabled}
+    hp.update({k: cfg[k] for k in ("n_mlp", "channel_multiplier", "channel_max") if k in cfg})
+    hp.update(overrides)
+    module = StyleCLIPMapperModule(**hp)
+    if not gen_ckpt:  # the file's own generator replaces the random one the module starts with
+        load_generator_state(module.generator, mf.decoder_state, f"{source.path} (decoder.*)")
+        module.generator.latent_avg = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(module.hparams.generator_seed + 1)
+            mean = module.generator.mean_latent(module.hparams.n_mean_latent)
+        module.mean_latent = mean.reshape(1, -1)
+    module.mapper.load_state_dict(mf.mapper.state_dict(), strict=True)
+    return module
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -72,9 +178,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from xclip.datamodules.latents import load_latents
     from xclip.generation.global_directions import _bar
-    from xclip.lightning_modules.base import load_method_checkpoint
-    from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
-    from xclip.utils.io import atomic_torch_save, atomic_write_json, safe_torch_load
+    from xclip.utils.io import atomic_torch_save, atomic_write_json
 
     if args.latents is None and args.n_random is None:
         raise SystemExit("give --latents FILE or --n-random N")
@@ -83,23 +187,14 @@ def run(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     # validate the latent file against the checkpoint's generator before building anything big
-    ckpt = safe_torch_load(args.ckpt, "mapper checkpoint")
-    ckpt = ckpt if isinstance(ckpt, dict) else {}
-    if not str(ckpt.get("method", "")).endswith(".StyleCLIPMapperModule"):
-        load_method_checkpoint(args.ckpt, expected=StyleCLIPMapperModule)  # raises, naming what the file holds
-    hp = ckpt.get("hyper_parameters", {})
-    size, style_dim = int(hp.get("generator_size", 1024)), int(hp.get("style_dim", 512))
-    del ckpt
+    source = read_mapper_source(args.ckpt)
     latents = None
     if args.latents:
-        latents = load_latents(args.latents, size, style_dim)  # [N, n_latent, D]; errors name the shape
+        latents = load_latents(args.latents, source.size, source.style_dim)  # [N, n_latent, D]; errors name shape
         if args.n_images is not None:
             latents = latents[: args.n_images]
-    overrides = {"id_lambda": 0.0, "arcface_checkpoint": None, "image_log_every_n_steps": 0}
-    if args.generator_checkpoint:
-        overrides["generator_checkpoint"] = args.generator_checkpoint
-    module = load_method_checkpoint(args.ckpt, expected=StyleCLIPMapperModule, map_location=args.device,
-                                    overrides=overrides)
+    module = build_mapper_module(source, args.device, args.generator_checkpoint, args.backbone, args.pretrained)
+    style_dim = source.style_dim
     device = module.mean_latent.device
     if latents is None:
         if args.truncation is not None:
@@ -143,7 +238,8 @@ def run(args: argparse.Namespace) -> dict:
     atomic_torch_save(w_edited.contiguous(), out / "latents_edited.pt")
     save_image(torch.cat(grid_rows), out / "grid.png", nrow=2)
     stats = {
-        "checkpoint": str(args.ckpt), "description": module.hparams.description, "n": n,
+        "checkpoint": str(args.ckpt), "checkpoint_kind": source.kind, "description": module.hparams.description,
+        "n": n,
         "source": str(args.latents) if args.latents else f"random z (seed {args.seed}, "
                                                          f"truncation {module.hparams.truncation})",
         "levels": {k: bool(v) for k, v in module.mapper.enabled.items()},

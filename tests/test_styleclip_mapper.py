@@ -28,8 +28,10 @@ def test_levels_mapper_slices_and_disabled_levels():
     assert d[:, 8:].abs().sum() > 0
     assert torch.allclose(m.edit(w), w + 0.1 * d)
     names = {k.split(".")[0] for k in m.state_dict()}
-    assert names == {"course_mapping", "medium_mapping", "fine_mapping"}  # StyleCLIP's names (sic)
+    assert names == {"course_mapping", "fine_mapping"}  # StyleCLIP's names (sic); a disabled level has none
     assert "course_mapping.mapping.4.weight" in m.state_dict()
+    assert {k.split(".")[0] for k in LevelsMapper(32).state_dict()} == {"course_mapping", "medium_mapping",
+                                                                         "fine_mapping"}
     assert sum(p.numel() for p in LevelsMapper(512).parameters()) == 3_151_872  # spec 3.1
     with pytest.raises(ValueError):
         LevelsMapper(32, coarse=False, medium=False, fine=False)
