@@ -89,8 +89,12 @@ class ClipBackbone(nn.Module):
 
     # ---- metadata -------------------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
-        """What a checkpoint stores to rebuild this backbone."""
-        return {"name": self.name, "pretrained": self.pretrained}
+        """What a checkpoint stores to rebuild this backbone; ``activation`` is added for QuickGELU models, so
+        feature caches keyed on the spec never reuse features computed with GELU on the same weights."""
+        spec: dict[str, Any] = {"name": self.name, "pretrained": self.pretrained}
+        if self.activation == "quick_gelu":
+            spec["activation"] = "quick_gelu"
+        return spec
 
     @property
     def image_size(self) -> int:

@@ -119,7 +119,7 @@ def source() -> nn.Module:
 
 def _assert_openai_model(backbone, state, size: int) -> None:
     """QuickGELU, equal to open_clip's -quickgelu reference, and far from what GELU would give."""
-    assert backbone.activation == "quick_gelu"
+    assert backbone.activation == "quick_gelu" and backbone.spec()["activation"] == "quick_gelu"  # new cache keys
     ref = reference("ViT-B-32-quickgelu", state, **(TINY_B32 if size == 64 else {}))
     gelu = reference("ViT-B-32", state, **(TINY_B32 if size == 64 else {}))
     (fi, ft), (ri, rt), (gi, gt) = features(backbone.model, size), features(ref, size), features(gelu, size)
@@ -268,7 +268,7 @@ def test_open_clip_file_needs_the_knob_and_gelu_against_evidence_is_an_error(tmp
     torch.save(state, tmp_path / "converted.pt")  # OpenAI's weights in open_clip's format: keys say nothing
     with caplog.at_level(logging.INFO, logger=LOGGER):
         plain = build_clip("ViT-B-32", str(tmp_path / "converted.pt"), **TINY_B32)
-    assert plain.activation == "gelu"
+    assert plain.activation == "gelu" and "activation" not in plain.spec()
     hint = [r.getMessage() for r in caplog.records if r.name == LOGGER and "activation" in r.getMessage()]
     assert "ViT-B-32-quickgelu" in hint[-1] and "activation='quick_gelu'" in hint[-1]
     _assert_openai_model(build_clip("ViT-B-32-quickgelu", str(tmp_path / "converted.pt"), **TINY_B32), state, 64)
