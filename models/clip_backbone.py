@@ -417,21 +417,23 @@ def _missing_weights_message(name: str, tag: str, cfg: dict[str, Any], reason: s
             f"file; see docs/byo_weights.md.")
 
 
-def _check_hf_hub_available(name: str) -> None:
-    """hf-hub: names: fail at once when config or weights are neither cached nor downloadable."""
+def _cached_hf_hub_dir(name: str) -> Path | None:
+    """hf-hub: names: the cached snapshot folder (config + weights) to read locally (no network call), None when
+    not cached but the hub is usable; fails at once when neither."""
     from open_clip import pretrained as oc_pre
 
     repo_id = name[len("hf-hub:"):]
     config = cached_hub_file(repo_id, "open_clip_config.json")
     weights = [f for f in (oc_pre.HF_SAFE_WEIGHTS_NAME, oc_pre.HF_WEIGHTS_NAME) if cached_hub_file(repo_id, f)]
     if config and weights:
-        return
+        return Path(config).parent
     reason = offline_reason()
     if reason:
         raise BackboneError(
             f"{name!r}: open_clip_config.json and weights of {repo_id} are not in the HF hub cache "
             f"{hub_cache_dir()} and the hub cannot be used: {reason}. Fix: download once online, or copy the repo "
             f"folder here and pass 'local-dir:/path/to/folder'; see docs/byo_weights.md.")
+    return None
 
 
 def _find_weights_in_dir(folder: Path) -> Path:
@@ -485,10 +487,15 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
     weights: ClipWeights | None = None
     tag_cfg: dict[str, Any] = {}
     model_cfg: dict[str, Any] = {}
-    if name.startswith("local-dir:"):
-        model_cfg, weights = _read_local_dir(name)
+    oc_name = name  # the name open_clip builds from (a cached hf-hub: repo is read as its local snapshot)
+    if name.startswith("hf-hub:"):
+        snapshot = _cached_hf_hub_dir(name)
+        if snapshot is not None:
+            oc_name = f"local-dir:{snapshot}"
+    if oc_name.startswith("local-dir:"):
+        model_cfg, weights = _read_local_dir(oc_name)
     elif name.startswith("hf-hub:"):
-        _check_hf_hub_available(name)
+        pass  # not cached, hub reachable: open_clip downloads config and weights
     else:
         model_cfg = open_clip.get_model_config(name) or {}
         if tag is not None:
@@ -524,8 +531,9 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
     try:
         if weights is not None:
             with _drop_root_log("No pretrained weights loaded"):  # open_clip's notice; the weights follow
-                if name.startswith("local-dir:"):
-                    model, _, preprocess = open_clip.create_model_and_transforms(name, load_weights=False, **kwargs)
+                if oc_name.startswith("local-dir:"):
+                    model, _, preprocess = open_clip.create_model_and_transforms(oc_name, load_weights=False,
+                                                                                 **kwargs)
                 else:
                     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
             load_weights_into(model, weights, name)
@@ -540,7 +548,7 @@ def build_clip(name: str, pretrained: str | None = None, device: str | torch.dev
     if quick and built != "quick_gelu":
         why += " (but this architecture's towers ignore quick_gelu: built with their own activation)"
     log.info("%s: %s activation: %s", name, "QuickGELU" if built == "quick_gelu" else "GELU", why)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip.get_tokenizer(oc_name)
     model.eval()
     backbone = ClipBackbone(model, preprocess, tokenizer, name, tag, built)
     return backbone.to(device)

@@ -262,6 +262,34 @@ def test_local_dir_with_openai_archive(tmp_path, source):
     _assert_openai_model(b, dict(torch.jit.load(str(folder / "ViT-B-32.pt")).state_dict()), 64)
 
 
+def test_cached_hf_hub_repo_is_read_locally_without_network(tmp_path, source, monkeypatch):
+    """hf-hub:ORG/REPO in the HF cache, HF_HUB_OFFLINE unset, no network: read from the snapshot at once."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from xclip.utils import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "_probe_cache", {})
+    repo, sha = tmp_path / "hub" / "models--me--clip-b32-openai", "1" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    cfg = {**open_clip.get_model_config("ViT-B-32"), **copy.deepcopy(TINY_B32), "quick_gelu": True}
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(snap / "open_clip_model.safetensors"))
+    t0 = time.monotonic()
+    b = build_clip("hf-hub:me/clip-b32-openai")
+    assert time.monotonic() - t0 < 15
+    _assert_openai_model(b, state, 64)
+
+
 # ---- the knob and the mismatches ------------------------------------------------------------------------------
 def test_open_clip_file_needs_the_knob_and_gelu_against_evidence_is_an_error(tmp_path, source, caplog):
     state = source.state_dict()
