@@ -83,6 +83,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args) -> dict:
+    check_inputs(args)
     from xclip.datamodules.latents import load_latents
     from xclip.generation._cli import save_png, write_json
     from xclip.generation.global_directions import _bar
@@ -90,7 +91,6 @@ def run(args) -> dict:
     from xclip.lightning_modules.styleclip_mapper import StyleCLIPMapperModule
     from xclip.utils.io import atomic_torch_save, safe_torch_load
 
-    check_inputs(args)
     # validate the latent file against the checkpoint's generator before building anything big
     ckpt = safe_torch_load(args.ckpt, "mapper checkpoint")
     ckpt = ckpt if isinstance(ckpt, dict) else {}

@@ -56,7 +56,7 @@ def test_demo_trains_the_packaged_train_config(tmp_path, monkeypatch):
 def test_demo_forget_to_spell_fixes_typographic_attacks(tmp_path):
     from xclip import demo
 
-    res = demo.main(["--out", str(tmp_path), "--no-wandb"])
+    res = demo.main(["--out", str(tmp_path), "--wandb", "false"])
     s = res["summary"]
     assert s["attacked_after"] - s["attacked_before"] >= 15, s
     assert s["clean_before"] - s["clean_after"] <= 5, s

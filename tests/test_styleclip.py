@@ -1,5 +1,5 @@
 """StyleCLIP: generator (rosinality format), ArcFace (IR-SE50 format), losses, optimisation (+ NTLB word
-loss), global directions and the generate.py CLI, on tiny random models."""
+loss), global directions and the `xclip generate` CLI, on tiny random models."""
 from __future__ import annotations
 
 import logging

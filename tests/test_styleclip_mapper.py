@@ -86,7 +86,7 @@ def test_latent_files_feed_the_mapper_and_bad_shapes_fail(tmp_path):
         bad.setup("fit")
 
 
-# ---- Ranger (the default optimiser) and the generate.py styleclip-mapper subcommand ------------------------
+# ---- Ranger (the default optimiser) and the `xclip generate styleclip-mapper` subcommand --------------
 # The random tiny CLIP gives gradients of ~1e-7 per mapper weight, far below Ranger's eps 1e-5 (which then
 # dominates the denominator), and RAdam's rectification keeps the first steps tiny (SGD-like for t <= 5, then
 # scaled by ~0.03-0.09 up to step 18), so the 18-step tiny run lowers eps and raises lr. The paper configs keep
