@@ -38,7 +38,9 @@ def package_configs() -> Path:
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    p = ArgumentParser(prog="xclip demo", description=__doc__.split("\n\n")[0])
+    from xclip.generate import HelpFormatter
+
+    p = ArgumentParser(prog="xclip demo", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", action=ActionConfigFile, help="YAML of these settings (repeatable)")
     p.add_argument("--out", type=str, default="outputs/demo",
                    help="output folder (results.json, results.png, W checkpoint, cache, logs)")

@@ -23,7 +23,9 @@ from types import ModuleType
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
+import argparse  # noqa: E402
+
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace  # noqa: E402
 
 from xclip.generation import (global_directions, styleclip_mapper, styleclip_optimize, vqgan_clip,  # noqa: E402
                               zerocap)
@@ -39,16 +41,21 @@ SUBCOMMANDS: dict[str, tuple[ModuleType, str]] = {
 }
 
 
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help with the module docstrings' line breaks kept (their usage examples)."""
+
+
 def subcommand_parser(name: str) -> ArgumentParser:
     module, help_ = SUBCOMMANDS[name]
-    p = ArgumentParser(prog=f"xclip generate {name}", description=(module.__doc__ or help_))
+    p = ArgumentParser(prog=f"xclip generate {name}", description=(module.__doc__ or help_),
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", action=ActionConfigFile, help="YAML settings (repeatable; flags after it override)")
     module.add_arguments(p)
     return p
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="xclip generate", description=__doc__)
+    parser = ArgumentParser(prog="xclip generate", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subcommands(dest="command", required=True)
     for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_subcommand(name, subcommand_parser(name), help=help_)
