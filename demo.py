@@ -49,6 +49,8 @@ def build_parser():
     p.add_argument("--pretrained", type=str | None, default=None,
                    help="override model.init_args.pretrained: a weights file, or 'none' = random init "
                         "(default: the config's, the shipped tiny CLIP)")
+    p.add_argument("--preset", type=str | None, default=None,
+                   help="override model.init_args.preset (losses/contrastive.py PRESETS, e.g. forget_to_spell_signed)")
     p.add_argument("--n_train", type=int | None, default=None, help="override data.init_args.n_train")
     p.add_argument("--n_val", type=int | None, default=None, help="override data.init_args.n_val")
     p.add_argument("--epochs", type=int | None, default=None, help="override trainer.max_epochs")
@@ -70,7 +72,7 @@ def parse_args(argv: list[str] | None = None):
 
 def _knob(args, name: str, default=None):
     v = args[name]
-    if v is None and args.fast:
+    if v is None and args.fast and name in FAST:
         return FAST[name]
     return default if v is None else v
 
@@ -92,8 +94,8 @@ def train_argv(args) -> list[str]:
     if args.pretrained is not None:
         none = str(args.pretrained).lower() in ("none", "null", "")
         argv.append(f"--model.init_args.pretrained={'null' if none else args.pretrained}")
-    for name, key in (("n_train", "data.init_args.n_train"), ("n_val", "data.init_args.n_val"),
-                      ("epochs", "trainer.max_epochs")):
+    for name, key in (("preset", "model.init_args.preset"), ("n_train", "data.init_args.n_train"),
+                      ("n_val", "data.init_args.n_val"), ("epochs", "trainer.max_epochs")):
         v = _knob(args, name)
         if v is not None:
             argv.append(f"--{key}={v}")

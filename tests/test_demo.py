@@ -49,6 +49,8 @@ def test_demo_trains_the_packaged_train_config(tmp_path, monkeypatch):
     assert cli.config["seed_everything"] == want["seed_everything"]
     fast = demo.train_argv(demo.parse_args(["--out", "o", "--fast", "true", "--epochs", "2", "--wandb", "false"]))
     assert "--data.init_args.n_train=256" in fast and "--trainer.max_epochs=2" in fast  # explicit beats --fast
+    signed = demo.train_argv(demo.parse_args(["--preset", "forget_to_spell_signed", "--wandb", "false"]))
+    assert "--model.init_args.preset=forget_to_spell_signed" in signed
 
 
 @pytest.mark.slow
