@@ -64,6 +64,20 @@ def check_file(path: str | Path | None, flag: str, what: str) -> None:
         raise SystemExit(f"{flag} {p}: {what} is not readable (permissions)")
 
 
+def check_device(device: str, flag: str = "--device") -> None:
+    """A torch device string that exists on this machine (a CUDA device needs a visible GPU)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SystemExit(f"{flag} {device!r}: not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{flag} {device}: no CUDA device is visible here; pass {flag} cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here; pass cuda:0")
+
+
 def check_text(value: str | None, flag: str, example: str) -> None:
     if value is None or not str(value).strip():
         raise SystemExit(f"{flag} is empty; give the text to optimise for, e.g. {flag} {example!r}")

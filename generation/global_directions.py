@@ -281,7 +281,7 @@ def add_arguments(p) -> None:
 
 
 def check_inputs(args) -> GlobalDirectionConfig:
-    from xclip.generation._cli import check_file, check_out_dir, check_range, check_text, dataclass_from
+    from xclip.generation._cli import check_device, check_file, check_out_dir, check_range, check_text, dataclass_from
     from xclip.generation.styleclip_optimize import check_generator
 
     cfg = dataclass_from(GlobalDirectionConfig, args)
@@ -299,6 +299,7 @@ def check_inputs(args) -> GlobalDirectionConfig:
         check_range(v, flag, 1, "it counts samples")
     check_file(args.latent_path, "--latent_path", "W+ latent file")
     check_generator(args)
+    check_device(args.device)
     check_out_dir(args.cache_dir, "--cache_dir")
     check_out_dir(args.out)
     return cfg

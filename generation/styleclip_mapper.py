@@ -56,7 +56,7 @@ def add_arguments(p) -> None:
 
 def check_inputs(args) -> None:
     """Flags, files and the output folder, before the checkpoint or any model is loaded."""
-    from xclip.generation._cli import check_file, check_out_dir
+    from xclip.generation._cli import check_device, check_file, check_out_dir
 
     if not args.ckpt:
         raise SystemExit("--ckpt is required: the mapper checkpoint written by `xclip train fit` "
@@ -70,6 +70,7 @@ def check_inputs(args) -> None:
     check_file(args.ckpt, "--ckpt", "mapper checkpoint")
     check_file(args.latents, "--latents", "W+ latent file")
     check_file(args.generator_checkpoint, "--generator_checkpoint", "StyleGAN2 checkpoint")
+    check_device(args.device)
     check_out_dir(args.out)
 
 

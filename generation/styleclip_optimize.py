@@ -286,7 +286,7 @@ def add_arguments(p) -> None:
 
 def check_inputs(args) -> OptimizeConfig:
     """Settings, files and the output folder, before any model is built."""
-    from xclip.generation._cli import check_file, check_out_dir, check_range, check_text, dataclass_from
+    from xclip.generation._cli import check_device, check_file, check_out_dir, check_range, check_text, dataclass_from
 
     cfg = dataclass_from(OptimizeConfig, args)
     check_text(cfg.description, "--description", "a person with purple hair")
@@ -303,6 +303,7 @@ def check_inputs(args) -> OptimizeConfig:
                          f"{cfg.description!r} has {len(cfg.description.split())} words; give one weight per word")
     check_file(args.arcface_checkpoint if cfg.id_lambda > 0 else None, "--arcface_checkpoint", "ArcFace weights")
     check_file(args.latent_path, "--latent_path", "W+ latent file")
+    check_device(args.device)
     check_generator(args)
     check_out_dir(args.out)
     return cfg

@@ -432,7 +432,7 @@ def load_vqgan_from_args(config: str | None, ckpt: str | None, device: str = "cp
 
 def check_inputs(args) -> tuple[VQGANCLIPConfig, list[RegionPrompt]]:
     """Everything that can be checked before a model is built: settings, prompts, files, the output folder."""
-    from xclip.generation._cli import check_file, check_out_dir
+    from xclip.generation._cli import check_device, check_file, check_out_dir
 
     cfg = config_from_args(args)
     try:
@@ -453,6 +453,7 @@ def check_inputs(args) -> tuple[VQGANCLIPConfig, list[RegionPrompt]]:
     check_file(args.projection, "--projection", "spelling-projection checkpoint")
     if cfg.init not in ("random", "uniform"):
         check_file(cfg.init, "--init", "init image ('random', 'uniform' or an image path)")
+    check_device(args.device)
     check_out_dir(args.out)
     return cfg, prompts
 

@@ -387,7 +387,7 @@ def check_inputs(args) -> tuple[ZeroCapConfig, list[str], list[str]]:
     import json
     from pathlib import Path
 
-    from xclip.generation._cli import check_file, check_out_file, dataclass_from
+    from xclip.generation._cli import check_device, check_file, check_out_file, dataclass_from
 
     cfg = dataclass_from(ZeroCapConfig, args)
     for flag, v in (("--beam_size", cfg.beam_size), ("--target_seq_length", cfg.target_seq_length),
@@ -425,6 +425,7 @@ def check_inputs(args) -> tuple[ZeroCapConfig, list[str], list[str]]:
     if lm.exists() and not (lm / "config.json").is_file():
         raise SystemExit(f"--lm {lm}: folder without config.json; pass a folder written by save_pretrained or a "
                          f"hub name (e.g. gpt2-medium)")
+    check_device(args.device)
     check_out_file(args.out)
     return cfg, files, arith
 

@@ -208,3 +208,11 @@ def test_generation_json_writer_never_writes_nan(tmp_path):
     write_json({"a": float("nan"), "b": [float("inf"), 1.0], "c": torch.tensor(2.0).item()}, tmp_path / "x.json")
     assert json.loads((tmp_path / "x.json").read_text(), parse_constant=pytest.fail) == {"a": None,
                                                                                         "b": [None, 1.0], "c": 2.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_gpu_is_an_error(tmp_path, no_models):
+    _refused(tmp_path, [*VQ, "--prompts", "a dog", "--method", "plain", "--device", "cuda",
+                        "--out", str(tmp_path / "o")], "--device cuda", "no CUDA device", "--device cpu")
+    _refused(tmp_path, ["styleclip-optimize", "--out", str(tmp_path / "o"), *SG, "--device", "cuda:0"],
+             "--device cuda:0", "--device cpu")
