@@ -90,8 +90,8 @@ def parse_prompt(spec: str) -> RegionPrompt:
 def _looks_like_box(head: str) -> bool:
     """Text before '=' that is meant as a box (numbers and commas, or starts like "0,0,"): it must then be one."""
     h = head.strip()
-    return bool(h) and (re.fullmatch(r"[\d\s.,+-]+", h) is not None and any(c.isdigit() for c in h)
-                        or re.match(r"[+-]?\d+(\.\d*)?\s*,", h) is not None)
+    return "," in h and (re.fullmatch(r"[\d\s.,+-]+", h) is not None and any(c.isdigit() for c in h)
+                         or re.match(r"[+-]?\d+(\.\d*)?\s*,", h) is not None)
 
 
 def position_words(bbox: Sequence[float], width: int, height: int) -> str:

@@ -75,6 +75,7 @@ def test_vqgan_text_with_equals_sign_is_still_text():
     assert parse_prompt("E=mc2 on a blackboard").bbox is None
     assert parse_prompt("E=mc2 on a blackboard").text == "E=mc2 on a blackboard"
     assert parse_prompt("0,0,16,32=a red circle:1.5").bbox == (0, 0, 16, 32)
+    assert parse_prompt("1+1=2 written on a blackboard").bbox is None
 
 
 def test_vqgan_zero_steps_is_an_error(tmp_path, no_models):
