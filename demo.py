@@ -2,6 +2,7 @@
 
     xclip demo --out outputs/demo                               # shipped tiny CLIP (checkpoints/tiny_clip_world.pt)
     xclip demo --out /tmp/d --pretrained none --fast true --wandb false   # random tiny-vit-world, tiny settings (smoke)
+    xclip demo --config configs/demo/smoke.yaml --out /tmp/d    # the same smoke run as a config
     xclip demo --print_config                                   # the demo's settings (re-readable with --config)
 
 1. trains the packaged config configs/spelling/forget_to_spell_world.yaml through the same LightningCLI path as

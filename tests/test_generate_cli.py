@@ -86,6 +86,16 @@ def test_demo_print_config_round_trips(tmp_path, capsys):
     assert not (tmp_path / "d").exists()  # printing the config does no work
 
 
+def test_demo_configs_parse():
+    paths = sorted((CONFIGS / "demo").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        ns = demo.parse_args(["--config", str(path)])
+        for key, value in yaml.safe_load(path.read_text()).items():
+            assert ns[key] == value, (path, key)
+        assert demo.train_argv(ns)[:2] == ["fit", "--config"]
+
+
 def test_cli_list_replaces_config_list(tmp_path):
     cfg = tmp_path / "v.yaml"
     cfg.write_text("prompts: ['0,0,16,32=a red circle', 'a blue square']\n")
