@@ -150,7 +150,7 @@ def test_generate_styleclip_mapper_takes_styleclip_files(tmp_path, decoder):
     out = tmp_path / "out"
     res = generate.main(["styleclip-mapper", "--ckpt", str(tmp_path / "purple.pt"), "--latents",
                          str(tmp_path / "test_faces.pt"), "--out", str(out), "--backbone", "tiny-vit-test",
-                         "--pretrained", "none", "--batch-size", "2", "--device", "cpu", "--no-progress"])
+                         "--pretrained", "none", "--batch_size", "2", "--device", "cpu", "--progress", "false"])
     expected = reference_edit(w, tensors, levels)
     edited = load_latents(out / "latents_edited.pt", SIZE, STYLE_DIM)
     assert torch.allclose(edited, expected, atol=1e-5, rtol=1e-5)
@@ -166,7 +166,7 @@ def test_generate_styleclip_mapper_takes_styleclip_files(tmp_path, decoder):
     state = torch.load(tmp_path / "purple.pt", weights_only=True)
     state["state_dict"] = {k: v for k, v in state["state_dict"].items() if k.startswith("mapper.")}
     torch.save(state, tmp_path / "no_decoder.pt")
-    with pytest.raises(RuntimeError, match="--generator-checkpoint"):
-        generate.main(["styleclip-mapper", "--ckpt", str(tmp_path / "no_decoder.pt"), "--n-random", "1",
+    with pytest.raises(RuntimeError, match="--generator_checkpoint"):
+        generate.main(["styleclip-mapper", "--ckpt", str(tmp_path / "no_decoder.pt"), "--n_random", "1",
                        "--backbone", "tiny-vit-test", "--pretrained", "none", "--out", str(tmp_path / "x"),
-                       "--device", "cpu", "--no-progress"])
+                       "--device", "cpu", "--progress", "false"])
