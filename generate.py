@@ -18,6 +18,8 @@ import logging
 import os
 import sys
 
+from xclip.utils.threads import configure_threads
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SUBCOMMAND_MODULES: list[str] = [
@@ -67,6 +69,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
 
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     parser = build_parser()
     args = _apply_config(parser, list(sys.argv[1:] if argv is None else argv))
     return args.func(args)
