@@ -46,7 +46,8 @@ def build_parser(suites: dict[str, ModuleType]) -> argparse.ArgumentParser:
         epilog="suites: " + "; ".join(f"{n}: {getattr(m, 'HELP', '')}" for n, m in suites.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
-    src.add_argument("--ckpt", help="checkpoint written by train.py (rebuilds the method and its backbone)")
+    src.add_argument("--ckpt", help="checkpoint written by train.py (rebuilds the method and its backbone), or CoOp's "
+                                    "prompt_learner/model.pth.tar-N with --backbone/--pretrained")
     src.add_argument("--backbone", default=None, help="open_clip model name (e.g. ViT-B-32, tiny-vit-world)")
     src.add_argument("--pretrained", default=None, help="open_clip tag, local weights file, or shipped tag")
     src.add_argument("--projection", default=None,
@@ -77,8 +78,14 @@ def load_eval_model(args):
     method = None
     if args.ckpt:
         from xclip.lightning_modules.base import load_method_checkpoint
+        from xclip.models.prompt_learner import is_dassl_prompt_checkpoint
 
-        method = load_method_checkpoint(args.ckpt, map_location=args.device)
+        if is_dassl_prompt_checkpoint(args.ckpt):  # CoOp's own prompt_learner/model.pth.tar-N (+ --backbone)
+            from xclip.lightning_modules.coop import load_coop_prompt_checkpoint
+
+            method = load_coop_prompt_checkpoint(args.ckpt, args.backbone, args.pretrained, map_location=args.device)
+        else:
+            method = load_method_checkpoint(args.ckpt, map_location=args.device)
         backbone = method.backbone
     elif args.backbone:
         backbone = build_clip(args.backbone, args.pretrained, device=args.device)
