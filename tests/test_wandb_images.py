@@ -87,10 +87,24 @@ def read_offline_run(root: Path) -> tuple[Path, dict[str, list[dict]]]:
     return runs[0], history
 
 
+def _wait_for(root: Path, key: str, timeout: float = 60.0) -> tuple[Path, dict[str, list[dict]]]:
+    """read_offline_run once ``key`` is in it: wandb-core may still be writing the run file after finish() returns
+    (seen on a loaded machine)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        run_dir, history = read_offline_run(root)
+        if key in history or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert key in history, f"{key!r} not logged; keys: {sorted(history)}"
+    return run_dir, history
+
+
 def logged_images(root: Path, key: str) -> tuple[list[np.ndarray], list[str]]:
     """Pixels and captions of every image logged under ``key`` in the offline run under ``root``."""
-    run_dir, history = read_offline_run(root)
-    assert key in history, f"{key!r} not logged; keys: {sorted(history)}"
+    run_dir, history = _wait_for(root, key)
     arrays, captions = [], []
     for entry in history[key]:
         assert entry.get("_type") == "images/separated" and entry.get("filenames"), entry
@@ -250,7 +264,7 @@ def test_zerocap_table_and_captioned_images(tmp_path):
     for i, a in enumerate(arrays):
         assert np.array_equal(a, np.asarray(Image.open(tmp_path / "imgs" / f"{i}.png").convert("RGB")))
         assert_real_picture(a, f"zerocap image {i}")
-    _, history = read_offline_run(tmp_path)
+    _, history = _wait_for(tmp_path, "captions")
     (table,) = history["captions"]
     assert table["_type"] == "table-file" and table["nrows"] == 2
     # the table itself (an artifact, staged under WANDB_DATA_DIR) holds image references, not the string "Image"
