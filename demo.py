@@ -21,6 +21,9 @@ import os
 import time
 from pathlib import Path
 
+from xclip.utils.threads import configure_threads
+from xclip.utils.wandb_setup import log_images
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("demo")
@@ -201,6 +204,7 @@ def print_table(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     args = parse_args(argv)
     check_inputs(args)
     import torch
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
             lg.log_metrics({f"demo/{k}": v for k, v in res["summary"].items()})
         write_json(res, out / "results.json")
         make_figure(res, typo, out / "results.png")
+        log_images(trainer.loggers, "demo/results", [out / "results.png"], captions=["CLIP vs CLIP + W (demo figure)"])
         print_table(res)
         print(f"wrote {out / 'results.json'}, {out / 'results.png'}, {ckpt} "
               f"({res['summary']['seconds_total']:.0f} s)")

@@ -21,6 +21,8 @@ import os
 import sys
 from types import ModuleType
 
+from xclip.utils.threads import configure_threads
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
@@ -69,6 +71,7 @@ def parse(argv: list[str] | None = None) -> tuple[str, Namespace]:
 
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     name, cfg = parse(argv)
     return SUBCOMMANDS[name][0].run(cfg)
 

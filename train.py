@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 from xclip.utils.io import AtomicCheckpointIO  # noqa: E402
 from xclip.utils.wandb_setup import ensure_wandb_mode  # noqa: E402
+from xclip.utils.threads import configure_threads  # noqa: E402
 
 
 class SaveConfigToLogger(SaveConfigCallback):
@@ -75,6 +76,7 @@ def exit_on_backbone_error(error: BaseException) -> None:
 
 def main(args: list[str] | None = None, run: bool = True) -> CLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     respect_omp_thread_limit()
     ensure_wandb_mode()
     try:

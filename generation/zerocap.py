@@ -473,14 +473,19 @@ def run(args) -> dict:
     if args.wandb:
         import wandb
 
-        from xclip.utils.wandb_setup import ensure_wandb_mode
+        from xclip.utils.wandb_setup import ensure_wandb_mode, log_images, wandb_image
 
         ensure_wandb_mode()
         run = wandb.init(project="xclip-zerocap", config=cfg.__dict__, job_type="caption")
         try:
+            shown = [r for r in results if "image" in r]
+            pictures = [Image.open(r["image"]).convert("RGB") for r in shown]  # pixels, not a path / placeholder
+            captions = [f"{r['caption']} (CLIP-S {r['clip_s']:.3f})" for r in shown]
             table = wandb.Table(columns=["image", "caption", "clip_s"],
-                                data=[[wandb.Image(r["image"]), r["caption"], r["clip_s"]] for r in results
-                                      if "image" in r])
+                                data=[[wandb_image(p, c), r["caption"], r["clip_s"]]
+                                      for p, c, r in zip(pictures, captions, shown)])
+            if pictures:  # the images with their captions also as a media panel (tables are artifacts in W&B)
+                log_images(run, "captions/images", pictures, captions=captions)
             run.log({"captions": table, **({"clip_s": summary["clip_s"]} if "clip_s" in summary else {})})
         finally:
             run.finish()

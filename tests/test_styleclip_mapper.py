@@ -207,8 +207,9 @@ def test_before_after_grid_goes_to_wandb(ranger_run):
     finally:
         module._trainer = None
     (key, images, step, kwargs), = rec.calls
-    grid = images[0]  # make_grid(nrow=2, padding=2): rows of before | after
+    grid = torch.from_numpy(images[0]).permute(2, 0, 1).float() / 255  # uint8 HWC, make_grid(nrow=2, padding=2)
+    assert images[0].dtype.name == "uint8"  # a [0, 1] float grid would be cast to black by wandb
     assert key == "val/edits" and step == 7 and "before | after" in kwargs["caption"][0]
     assert grid.shape == (3, 4 * 66 + 2, 2 * 66 + 2)
-    assert torch.allclose(grid[:, 2:66, 2:66], x[0].clamp(-1, 1).add(1).div(2))
-    assert torch.allclose(grid[:, 2:66, 68:132], x_hat[0].clamp(-1, 1).add(1).div(2))
+    assert torch.allclose(grid[:, 2:66, 2:66], x[0].clamp(-1, 1).add(1).div(2), atol=0.5 / 255 + 1e-6)
+    assert torch.allclose(grid[:, 2:66, 68:132], x_hat[0].clamp(-1, 1).add(1).div(2), atol=0.5 / 255 + 1e-6)
