@@ -12,9 +12,10 @@ the whole region waits for it.  On a shared 2-core machine that turned 20 VQGAN 
 The choice (first that applies):
   1. ``threads`` argument (e.g. ``--threads N``), else ``OMP_NUM_THREADS`` / ``XCLIP_THREADS`` when set;
   2. otherwise ``usable_cores() // local_world_size()`` (cores in the affinity mask and the cgroup CPU quota,
-     physical cores only, shared among the DDP ranks of this node); when the process may run on every CPU of the
-     machine (no cpuset) it is further reduced to the CPUs not already busy (machine CPUs - 1-minute load
-     average, shared among the ranks), so the pool never exceeds the cores that are free;
+     physical cores only, shared among the DDP ranks of this node). The count never depends on the momentary
+     load of the machine: the same command gives the same thread count and so the same floating-point results
+     run after run (on a machine shared with other jobs, set ``OMP_NUM_THREADS`` / ``--threads`` yourself: there
+     20 VQGAN steps took 65.9 s with 2 threads against 16.5 s with 1, ``benchmarks/threads.py``);
   3. always capped by ``OMP_THREAD_LIMIT`` (torch 2.14 gave garbage conv gradients with more torch threads than
      OpenMP provides) and at least 1.
 Inter-op threads are set to 1 (Lightning / our code never runs independent ops concurrently, and a second pool
@@ -98,23 +99,6 @@ def local_world_size() -> int:
     return 1
 
 
-def _sees_whole_machine() -> bool:
-    """True when the affinity mask is every CPU of the machine (no cpuset), so the host-wide load average
-    describes contention on our cores; with a cpuset other containers' load would be counted wrongly."""
-    try:
-        return len(os.sched_getaffinity(0)) >= (os.cpu_count() or 0)
-    except (AttributeError, OSError):
-        return False
-
-
-def busy_cores() -> float:
-    """Other runnable work on the machine: the 1-minute load average (0 when unavailable)."""
-    try:
-        return max(0.0, os.getloadavg()[0])
-    except (AttributeError, OSError):
-        return 0.0
-
-
 def choose_threads(threads: int | None = None) -> tuple[int, str]:
     """(intra-op thread count, why) without changing anything."""
     limit = _positive_int(os.environ.get("OMP_THREAD_LIMIT"))
@@ -128,11 +112,6 @@ def choose_threads(threads: int | None = None) -> tuple[int, str]:
         cores, ranks = usable_cores(), local_world_size()
         n = max(1, cores // ranks)
         why = f"{cores} usable core(s) / {ranks} local rank(s)"
-        if _sees_whole_machine():  # the load average is then about the cores we run on
-            load = busy_cores()
-            free = max(1, math.floor((os.cpu_count() or cores) - load + 0.5)) // ranks
-            if free < n:
-                n, why = max(1, free), f"{why}, {load:.1f} busy (load average)"
     if limit is not None and n > limit:
         n, why = limit, f"{why}; capped by OMP_THREAD_LIMIT={limit}"
     return max(1, n), why
