@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from xclip.utils.threads import configure_threads
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("analyze")
@@ -269,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     args = build_parser().parse_args(argv)
     return args.func(args)
 

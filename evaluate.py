@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from xclip.utils.threads import configure_threads
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("evaluate")
@@ -102,6 +104,7 @@ def load_eval_model(args):
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     suites = discover_suites()
     args = build_parser(suites).parse_args(argv)
     if not args.suite:

@@ -28,6 +28,7 @@ from xclip.models.prompt_learner import (DasslPromptCheckpoint, PromptLearner, c
                                          read_dassl_prompt_checkpoint)
 
 log = logging.getLogger(__name__)
+RELEVANCE_IMAGES = 4  # validation images whose relevance overlay goes to W&B each validation epoch
 
 
 def warmup_cosine_factor(epoch: int, lr: float, max_epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
@@ -183,6 +184,8 @@ class CoOp(FrozenBackboneModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            self._log_relevance_overlays(*batch)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -196,6 +199,46 @@ class CoOp(FrozenBackboneModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda e: warmup_cosine_factor(e, h.lr, max_epochs, h.warmup_epochs, h.warmup_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- relevance pictures in W&B (validation) -----------------------------------------------------------------
+    def _log_relevance_overlays(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """W&B: Chefer image relevance of the first RELEVANCE_IMAGES validation images for their true class's
+        learned prompt, overlaid on the image (models/relevance_viz.py), captioned with the true / predicted class."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not self.trainer.is_global_zero:
+            return
+        try:
+            pictures, captions = self.relevance_overlays(images[:RELEVANCE_IMAGES], labels[:RELEVANCE_IMAGES])
+            from xclip.utils.wandb_setup import log_images
+
+            log_images(loggers, "val/relevance", pictures, captions=captions)
+        except Exception as e:  # visualisation must never kill a run
+            log.warning("relevance overlays skipped: %s: %s", type(e).__name__, e)
+
+    def relevance_overlays(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[list, list[str]]:
+        """([B, 3, H, W] CLIP-normalised, [B]) -> (B PIL overlays of the image relevance for the true class's
+        prompt, B captions "true: ... | pred: ...").  Runs with gradients also inside Lightning's inference mode."""
+        from xclip.models.relevance import image_relevance, patch_grid
+        from xclip.models.relevance_viz import overlay_relevance
+
+        pl_ = self._prompts()
+        with torch.inference_mode(False), torch.enable_grad():
+            x, y = images.detach().clone(), labels.detach().clone()  # inference tensors cannot enter autograd
+            text = self.class_text_features().detach().clone()  # [C, D]
+            logits = self.backbone.logit_scale.detach() * self.image_features(x) @ text.T  # [B, C]
+            rel = image_relevance(self.backbone, x, text_features=text[y])  # [B, B, N]
+        idx = torch.arange(len(y), device=rel.device)
+        maps = rel[idx, idx].reshape(len(y), *patch_grid(self.backbone)).float().cpu()  # [B, h, w]
+        mean = torch.tensor(self.backbone.mean).view(3, 1, 1)
+        std = torch.tensor(self.backbone.std).view(3, 1, 1)
+        pixels = (x.detach().float().cpu() * std + mean).clamp(0, 1)  # [B, 3, H, W] in [0, 1]
+        pred = logits.argmax(-1).tolist()
+        names = pl_.classnames
+        pictures = [overlay_relevance(pixels[i], maps[i]) for i in range(len(y))]
+        captions = [f"true: {names[int(y[i])]} | pred: {names[pred[i]]}" for i in range(len(y))]
+        return pictures, captions
 
     # ---- optional relevance visualisation ------------------------------------------------------------------------
     def on_train_epoch_end(self) -> None:

@@ -247,17 +247,19 @@ def test_spatial_generation_suite_writes_table(tiny_backbone, tmp_path):
 
 
 def test_cli_smoke(tmp_path, capsys):
-    import generate as gen_cli
+    from xclip import generate as gen_cli
 
     gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--backbone", "tiny-vit-test", "--pretrained", "none",
-                  "--prompt", "0,0,16,32=a red circle", "--method", "explainability", "--width", "32",
-                  "--height", "32", "--steps", "2", "--cutn", "2", "--device", "cpu", "--no_progress",
+                  "--prompts", "0,0,16,32=a red circle", "--method", "explainability", "--width", "32",
+                  "--height", "32", "--steps", "2", "--cutn", "2", "--device", "cpu", "--progress", "false",
                   "--out", str(tmp_path / "run")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["size"] == [32, 32] and (tmp_path / "run" / "final.png").is_file()
-    with pytest.raises(ValueError, match="not inside"):
-        gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--prompt", "0,0,64,64=a dog", "--width", "32",
+    json.loads((tmp_path / "run" / "losses.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    with pytest.raises(SystemExit, match="not inside"):
+        gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--prompts", "0,0,64,64=a dog", "--width", "32",
                       "--height", "32", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_generation_with_spelling_projection(tiny_backbone):
