@@ -65,7 +65,11 @@ def build_parser() -> ArgumentParser:
 
 
 def parse(argv: list[str] | None = None) -> tuple[str, Namespace]:
-    cfg = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from xclip.utils.io import check_config_files
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_files(argv)  # a bad --config file is named before jsonargparse reads it
+    cfg = build_parser().parse_args(argv)
     return cfg.command, cfg[cfg.command]
 
 

@@ -91,6 +91,9 @@ def main(args: list[str] | None = None, run: bool = True) -> CLI:
     configure_threads()  # utils/threads.py: never more torch threads than free cores
     respect_omp_thread_limit()
     ensure_wandb_mode()
+    from xclip.utils.io import check_config_files
+
+    check_config_files(list(sys.argv[1:] if args is None else args))  # a bad --config file is named first
     try:
         return CLI(
             pl.LightningModule, pl.LightningDataModule,

@@ -161,6 +161,12 @@ def _train_ckpt_path(f: Path, tmp: Path):
     train.main(["fit", "--config", str(tmp / "toy.yaml"), "--ckpt_path", str(f)])
 
 
+def _train_config(f: Path, tmp: Path):
+    from xclip import train
+
+    train.main(["fit", "--config", str(f)])
+
+
 def _evaluate(*flags: str):
     def call(f: Path, tmp: Path):
         from xclip import evaluate
@@ -186,8 +192,9 @@ def _tiny_vqgan_yaml(tmp: Path) -> None:
     (tmp / "vqgan.yaml").write_text(taming_yaml(TINY_DDCONFIG, 32, 8))
 
 
-TINY_GEN = ["--generator-size", "8", "--style-dim", "8", "--n-mlp", "1", "--channel-max", "8",
-            "--channel-multiplier", "1", "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu"]
+TINY_GEN = ["--generator.size", "8", "--generator.style_dim", "8", "--generator.n_mlp", "1",
+            "--generator.channel_max", "8", "--generator.channel_multiplier", "1", "--backbone", "tiny-vit-test",
+            "--pretrained", "none", "--device", "cpu", "--progress", "false"]
 
 
 def _styleclip_global_stats(f: Path, tmp: Path):
@@ -199,9 +206,8 @@ def _styleclip_global_stats(f: Path, tmp: Path):
     shutil.copy(f, tmp / "cache" / f"s_stats_{gd._cache_key(ident)}.pt")
     from xclip import generate
 
-    generate.main(["styleclip-global", "--neutral", "face", "--target", "smiling face", "--stats-samples", "4",
-                   "--n-images", "2", "--cache-dir", str(tmp / "cache"), "--output-dir", str(tmp / "out"),
-                   "--no-progress", *TINY_GEN])
+    generate.main(["styleclip-global", "--neutral", "face", "--target", "smiling face", "--stats_samples", "4",
+                   "--n_images", "2", "--cache_dir", str(tmp / "cache"), "--out", str(tmp / "out"), *TINY_GEN])
 
 
 def _analyze(*flags: str):
@@ -301,8 +307,11 @@ def _coop_init_ctx_from(f: Path, tmp: Path):
 
 
 EVAL_TINY = ["--backbone", "tiny-vit-test"]
+VQ = ["vqgan-clip", "--prompts", "0,0,16,16=a cat", "--width", "32", "--height", "32", "--backbone", "tiny-vit-test",
+      "--pretrained", "none", "--device", "cpu", "--out", "{tmp}/o", "--progress", "false"]
 ENTRY_POINTS: dict[str, EntryPoint] = {
     "train --ckpt_path": EntryPoint(_train_ckpt_path, "resume.ckpt"),
+    "train --config": EntryPoint(_train_config, "config.yaml"),
     "evaluate --ckpt": EntryPoint(_evaluate("--ckpt", "{f}", "--suite", "world"), "method.ckpt"),
     "evaluate --ckpt (CoOp prompt file)": EntryPoint(_evaluate(*EVAL_TINY, "--ckpt", "{f}", "--suite", "world"),
                                                      "prompt_learner/model.pth.tar-50"),
@@ -319,33 +328,25 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "evaluate --spatial-generation-vqgan-config": EntryPoint(_evaluate(
         *EVAL_TINY, "--suite", "spatial_generation", "--spatial-generation-vqgan-config", "{f}",
         "--spatial-generation-out", "{tmp}/sg"), "vqgan.yaml"),
-    "generate --config": EntryPoint(_generate("styleclip-optimize", "--config", "{f}", "--output-dir", "{tmp}/o",
+    "generate --config": EntryPoint(_generate("styleclip-optimize", "--config", "{f}", "--out", "{tmp}/o",
                                               *TINY_GEN), "options.yaml"),
-    "generate styleclip-mapper --ckpt": EntryPoint(_generate("styleclip-mapper", "--ckpt", "{f}", "--n-random", "1",
-                                                             "--out", "{tmp}/o", "--no-progress"), "mapper.ckpt"),
+    "generate styleclip-mapper --ckpt": EntryPoint(_generate("styleclip-mapper", "--ckpt", "{f}", "--n_random", "1",
+                                                             "--out", "{tmp}/o", "--progress", "false"), "mapper.ckpt"),
     "generate styleclip-optimize --generator-checkpoint": EntryPoint(_generate(
-        "styleclip-optimize", "--steps", "1", "--output-dir", "{tmp}/o", "--no-progress", *TINY_GEN,
-        "--generator-checkpoint", "{f}"), "G.pt"),
+        "styleclip-optimize", "--steps", "1", "--out", "{tmp}/o", *TINY_GEN, "--generator.checkpoint", "{f}"), "G.pt"),
     "generate styleclip-optimize --latent-path": EntryPoint(_generate(
-        "styleclip-optimize", "--steps", "1", "--output-dir", "{tmp}/o", "--no-progress", *TINY_GEN,
-        "--latent-path", "{f}"), "latent.pt"),
+        "styleclip-optimize", "--steps", "1", "--out", "{tmp}/o", *TINY_GEN, "--latent_path", "{f}"), "latent.pt"),
     "generate styleclip-optimize --arcface-checkpoint": EntryPoint(_generate(
-        "styleclip-optimize", "--steps", "1", "--output-dir", "{tmp}/o", "--no-progress", *TINY_GEN,
-        "--id-lambda", "0.1", "--arcface-checkpoint", "{f}"), "model_ir_se50.pth"),
+        "styleclip-optimize", "--steps", "1", "--out", "{tmp}/o", *TINY_GEN, "--id_lambda", "0.1",
+        "--arcface_checkpoint", "{f}"), "model_ir_se50.pth"),
     "generate styleclip-global --latent-path": EntryPoint(_generate(
-        "styleclip-global", "--neutral", "face", "--target", "smiling face", "--output-dir", "{tmp}/o",
-        "--cache-dir", "{tmp}/cache", "--no-progress", *TINY_GEN, "--latent-path", "{f}"), "latents.pt"),
+        "styleclip-global", "--neutral", "face", "--target", "smiling face", "--out", "{tmp}/o",
+        "--cache_dir", "{tmp}/cache", *TINY_GEN, "--latent_path", "{f}"), "latents.pt"),
     "generate styleclip-global --cache-dir": EntryPoint(_styleclip_global_stats, "stats.pt"),
     "generate vqgan-clip --vqgan_ckpt": EntryPoint(_generate(
-        "vqgan-clip", "--prompt", "0,0,16,16=a cat", "--width", "32", "--height", "32", "--vqgan_config", "{tmp}/vqgan.yaml", "--vqgan_ckpt", "{f}",
-        "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu", "--out", "{tmp}/o",
-        setup=_tiny_vqgan_yaml), "vqgan.ckpt"),
-    "generate vqgan-clip --vqgan_config": EntryPoint(_generate(
-        "vqgan-clip", "--prompt", "0,0,16,16=a cat", "--width", "32", "--height", "32", "--vqgan_config", "{f}", "--backbone", "tiny-vit-test",
-        "--pretrained", "none", "--device", "cpu", "--out", "{tmp}/o"), "vqgan.yaml"),
-    "generate vqgan-clip --projection": EntryPoint(_generate(
-        "vqgan-clip", "--prompt", "0,0,16,16=a cat", "--width", "32", "--height", "32", "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu",
-        "--projection", "{f}", "--out", "{tmp}/o"), "W.ckpt"),
+        *VQ, "--vqgan_config", "{tmp}/vqgan.yaml", "--vqgan_ckpt", "{f}", setup=_tiny_vqgan_yaml), "vqgan.ckpt"),
+    "generate vqgan-clip --vqgan_config": EntryPoint(_generate(*VQ, "--vqgan_config", "{f}"), "vqgan.yaml"),
+    "generate vqgan-clip --projection": EntryPoint(_generate(*VQ, "--projection", "{f}"), "W.ckpt"),
     "generate zerocap --references": EntryPoint(_zerocap_references, "refs.json"),
     "analyze --pretrained": EntryPoint(_analyze("segment", "--backbone", "tiny-vit-test", "--pretrained", "{f}",
                                                 "--data", "world:2", "--device", "cpu"), "clip.pt"),

@@ -128,6 +128,23 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
         raise ValueError(f"{what} {path} is not valid YAML ({type(e).__name__}: {str(e)[:300]})") from e
 
 
+def check_config_files(argv: list[str], flag: str = "--config") -> None:
+    """Each ``--config FILE`` in ``argv`` that names a file must be a UTF-8 YAML mapping (``yaml.safe_load``, no
+    python tags); otherwise SystemExit with a message naming the file, before the CLI parses it."""
+    values = [b for a, b in zip(argv, argv[1:]) if a == flag] + \
+        [a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")]
+    for value in values:
+        if not Path(value).is_file():
+            continue  # jsonargparse also takes an inline YAML string; a missing file is its error
+        try:
+            cfg = read_yaml(value, f"{flag} file")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        if not isinstance(cfg, dict):
+            raise SystemExit(f"{flag} file {value} holds {'nothing' if cfg is None else type(cfg).__name__}: "
+                             f"expected a mapping of option: value")
+
+
 def safe_np_load(path: str | Path, what: str = "numpy array", mmap_mode: str | None = None) -> Any:
     """np.load(allow_pickle=False) of one .npy array; anything else (pickled objects, .npz, garbage) raises
     an error naming the file."""
@@ -173,6 +190,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # ``lightning_modules/base.py``. Add a line here (and an adapter in the test) for every new file input.
 FILE_INPUTS: dict[str, str] = {
     "train --ckpt_path": "Lightning checkpoint to resume (AtomicCheckpointIO.load_checkpoint)",
+    "train --config": "LightningCLI YAML config (check_config_files, then jsonargparse's safe YAML loader)",
     "evaluate --ckpt": "method checkpoint (base.load_method_checkpoint: fixed method table)",
     "evaluate --ckpt (CoOp prompt file)": "CoOp/Dassl model.pth.tar-N (prompt_learner.read_dassl_prompt_checkpoint)",
     "train --model.init_args.init_ctx_from": "CoOp/Dassl prompt file starting a CoOp run (same reader)",
