@@ -126,6 +126,8 @@ def read_mapper_source(path: str) -> MapperSource:
         load_method_checkpoint(path, expected=StyleCLIPMapperModule)  # raises, naming what the file lacks
     resolve_method(ckpt["method"], path, expected=StyleCLIPMapperModule)  # fixed table; raises, naming both
     hp = ckpt.get("hyper_parameters", {})
+    if not isinstance(hp, dict):
+        raise RuntimeError(f"{path}: 'hyper_parameters' is a {type(hp).__name__}, expected a mapping.")
     return MapperSource(path, "xclip", int(hp.get("generator_size", 1024)), int(hp.get("style_dim", 512)), ckpt)
 
 

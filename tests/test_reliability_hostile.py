@@ -557,6 +557,14 @@ def test_hyper_parameters_must_be_init_arguments(tmp_path):
                                methods={"ToyProjection": ToyProjection}, overrides={"kk": 1})
 
 
+def test_mapper_checkpoint_with_bad_hyper_parameters_names_the_file(tmp_path):
+    from xclip.generation.styleclip_mapper import read_mapper_source
+
+    bad = _slim_ckpt(tmp_path / "mapper.ckpt", "StyleCLIPMapperModule", ["generator_size", 64])
+    with pytest.raises(RuntimeError, match=r"mapper\.ckpt: 'hyper_parameters' is a list"):
+        read_mapper_source(str(bad))
+
+
 # ---- train --ckpt_path ------------------------------------------------------------------------------------
 def _toy_yaml(tmp: Path, model: str = "ToyProjection", max_steps: int = 2, checkpointing: bool = True) -> Path:
     trainer = dict(TOY_CONFIG["trainer"], max_steps=max_steps, enable_checkpointing=checkpointing,
