@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xclip.models.clip_backbone import ClipBackbone
+from xclip.models.zero_shot import zero_shot_classifier
 
 
 class EvalModel(nn.Module):
@@ -57,9 +58,8 @@ class EvalModel(nn.Module):
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """list of N strings -> [N, D'] (normalised, projected)."""
-        out = [self.backbone.encode_text(self.backbone.tokenize(texts[i:i + self.batch_size]))
-               for i in range(0, len(texts), self.batch_size)]
-        return self.project(torch.cat(out))
+        return torch.cat([self.encode_text(self.tokenize(texts[i:i + self.batch_size]))
+                          for i in range(0, len(texts), self.batch_size)])
 
     @torch.no_grad()
     def class_text_features(self, classnames: Sequence[str],
@@ -67,11 +67,14 @@ class EvalModel(nn.Module):
         """Zero-shot classifier [C, D']: prompt-ensembled class embeddings (or the method's own)."""
         if self.method is not None and hasattr(self.method, "class_text_features"):
             return self.project(self.method.class_text_features(list(classnames)))
-        feats = []
-        for name in classnames:
-            e = self.encode_texts([t.format(name) for t in templates]).mean(0)
-            feats.append(F.normalize(e, dim=-1))
-        return torch.stack(feats)
+        return zero_shot_classifier(self, classnames, templates)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.backbone.tokenize(texts)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[N, L] tokens -> [N, D'] (normalised, projected): the text encoder seen by models/zero_shot.py."""
+        return self.project(self.backbone.encode_text(tokens))
 
     def image_transform(self) -> Callable:
         return self.backbone.preprocess

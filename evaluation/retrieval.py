@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from xclip.evaluation._images import encode_pil
+from xclip.models.zero_shot import prompt_classifier
 
 NAME = "retrieval"
 HELP = "image<->text and word-image<->string top-1/top-5 retrieval on synthetic quintuples (real vs nonsense words)"
@@ -95,8 +96,7 @@ def run(model, args) -> dict:
     feats = {k: encode_pil(model, (it[k] for it in items)) for k in ("x_i", "x_t", "x_it")}  # [N, D'] each
     feats["y_t"] = model.encode_texts([it["y_t"] for it in items]).cpu()  # raw strings (2.5)
     prompts = ds.class_prompts()
-    class_feats = torch.stack([torch.nn.functional.normalize(model.encode_texts(p).mean(0), dim=-1)
-                               for p in prompts]).cpu()  # [C, D']
+    class_feats = prompt_classifier(model, prompts).cpu()  # [C, D']
     class_ids = torch.tensor([it["class_id"] for it in items])
     res: dict = {"n": len(items), "n_real": sum(it["real"] for it in items), "canvas": canvas}
     for name, key in (("acc_im_i_txt_i", "x_i"), ("acc_im_it_txt_i", "x_it")):

@@ -66,7 +66,7 @@ def run(model: EvalModel, args) -> dict:
     classifiers: dict[str, torch.Tensor] = {}
     for spec in [s.strip() for s in args.zeroshot_templates.split(",") if s.strip()]:
         templates = load_templates(spec)
-        classifiers[spec] = model.project(zero_shot_classifier(model.backbone, classnames, templates))
+        classifiers[spec] = zero_shot_classifier(model, [c.replace("_", " ") for c in classnames], templates)
     if model.method is not None and hasattr(model.method, "class_text_features"):
         classifiers["method"] = model.class_text_features(classnames)  # learned prompts (e.g. CoOp)
 
