@@ -1,17 +1,21 @@
 """What every evaluation suite receives: an ``EvalModel`` that encodes images and texts.
 
-A suite is a module in ``evaluation/`` that defines
+A suite is a module in ``evaluation/`` listed in ``evaluate.SUITES`` (an explicit table: nothing is imported by a
+name read from input) that defines
 
-    NAME: str                                  # the name used with `evaluate.py --suite NAME`
-    HELP: str                                  # one line for `--help`
-    def add_arguments(parser) -> None          # its own options (prefix them with the suite name)
-    def run(model: EvalModel, args) -> dict    # JSON-serialisable results (floats / lists / nested dicts)
+    NAME: str                                          # `--suite NAME`; also its settings group `--NAME.key`
+    HELP: str                                          # one line for `--help`
+    @dataclass class Settings                          # its options (the schema jsonargparse reads)
+    def check(settings, ctx: RunContext) -> None       # optional: inputs, outputs, tools; before any work starts
+    def run(model: EvalModel, settings, ctx: RunContext) -> dict   # JSON-serialisable results
 
-and may return a ``"tables"`` entry: {table_name: {"columns": [...], "data": [[...], ...]}} for W&B.
+A result may carry a ``"tables"`` entry: {table_name: {"columns": [...], "data": [[...], ...]}} for W&B.
+Metrics are fractions in [0, 1] (never percentages).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +25,14 @@ from torch import nn
 
 from xclip.models.clip_backbone import ClipBackbone
 from xclip.models.zero_shot import zero_shot_classifier
+
+
+@dataclass
+class RunContext:
+    """What a suite gets besides its settings: the run's seed and the folder of the results JSON (a suite that
+    writes files puts them under ``out_dir`` unless its settings name a folder)."""
+    seed: int = 0
+    out_dir: Path = Path(".")
 
 
 class EvalModel(nn.Module):
