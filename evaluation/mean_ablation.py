@@ -31,8 +31,8 @@ class Settings:
     """report accuracy with every attention layer but the last k mean-ablated"""
     layers: list[int] | None = None
     """custom ablation: whole layers"""
-    heads: list[str] | None = None
-    """custom ablation: heads as 'LAYER:HEAD' (0-indexed), e.g. ['11:6', '10:2']"""
+    heads: str | None = None
+    """custom ablation: heads 'LAYER:HEAD ...' (0-indexed), e.g. '11:6 10:2' (quote it in YAML)"""
     mlps: bool = False
     """custom ablation: also the MLP/embedding terms"""
     batch_size: int = 64
@@ -44,7 +44,7 @@ def check(s: Settings, ctx: RunContext | None = None) -> None:
 
     if s.templates is not None:
         check_templates(s.templates, "--mean_ablation.templates")
-    parse_heads(" ".join(s.heads or []))
+    parse_heads(s.heads or "")
     if not s.data.startswith("world") and not Path(s.data).is_dir():
         raise FileNotFoundError(f"--mean_ablation.data {s.data}: no such folder; expected 'world[:N[:SEED]]' or "
                                 f"{CLASS_FOLDER_LAYOUT}")
@@ -69,7 +69,7 @@ def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
     heads, mlps, cls = torch.cat(heads), torch.cat(mlps), torch.cat(cls)         # [K, L, H, D] [K, L+1, D] [K, L, D]
     res = ablation_table(heads, mlps, classifier, data.labels, cls_attn=cls, keep_last=list(s.keep_last))
     if s.layers or s.heads:
-        spec = AblationSpec(layers=list(s.layers or []), heads=parse_heads(" ".join(s.heads or [])), mlps=s.mlps)
+        spec = AblationSpec(layers=list(s.layers or []), heads=parse_heads(s.heads or ""), mlps=s.mlps)
         emb = ablated_embeddings(heads, mlps, spec, dataset_means(heads, mlps))
         res["custom"] = zero_shot_accuracy(emb, classifier, data.labels)
     curve = res["accumulated_layers"]

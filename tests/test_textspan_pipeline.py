@@ -110,8 +110,8 @@ def test_mean_ablation_suite_via_evaluate(tmp_path):
     from xclip import evaluate
 
     res = evaluate.main(["--backbone", "tiny-vit-test", "--suite", "mean_ablation", "--device", "cpu",
-                         "--mean-ablation-data", "world:20", "--mean-ablation-keep-last", "1",
-                         "--mean-ablation-heads", "1:1", "--out", str(tmp_path / "r.json")])
+                         "--mean_ablation.data", "world:20", "--mean_ablation.keep_last", "[1]",
+                         "--mean_ablation.heads", "1:1", "--out", str(tmp_path / "r.json")])
     r = res["suites"]["mean_ablation"]
     assert r["images"] == 20 and len(r["accumulated_layers"]) == 3 and 0 <= r["custom"] <= 1
 
