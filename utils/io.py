@@ -74,7 +74,7 @@ def check_writable_dir(path: str | Path, flag: str = "--out", what: str | None =
     path = Path(path).expanduser()
     what = what or f"{flag} {path}"
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} is a file, not a folder; give a folder path for {flag}")
+        raise ValueError(f"{what} is a file, not a folder; choose another location for {flag}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.")
