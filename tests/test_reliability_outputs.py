@@ -12,7 +12,6 @@ from PIL import Image
 
 from xclip import analyze, evaluate
 from xclip.datamodules.text_render import TextStyle, draw_word
-from xclip.evaluation import world
 
 pytestmark = pytest.mark.reliability
 TINY = ["--backbone", "tiny-vit-test", "--device", "cpu"]
@@ -120,7 +119,6 @@ def test_each_result_on_disk_as_soon_as_it_finishes(tmp_path, monkeypatch):
     def interrupted(model, s, ctx):
         seen.update(json.loads(out.read_text())["suites"])
         raise KeyboardInterrupt   # the run is killed during the second suite
-    monkeypatch.setattr(world, "run", world.run)
     from xclip.evaluation import mean_ablation
 
     monkeypatch.setattr(mean_ablation, "run", interrupted)
