@@ -44,7 +44,8 @@ def build_parser() -> ArgumentParser:
                        epilog="suites: " + "; ".join(f"{m.NAME}: {m.HELP}" for m in SUITES))
     p.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable), e.g. configs/evaluate/*.yaml")
     p.add_argument("--ckpt", type=str | None, default=None,
-                   help="checkpoint written by train (rebuilds the method and its backbone)")
+                   help="checkpoint written by train (rebuilds the method and its backbone), or CoOp's "
+                        "prompt_learner/model.pth.tar-N with --backbone/--pretrained")
     p.add_argument("--backbone", type=str | None, default=None,
                    help="open_clip model name (e.g. ViT-B-32, tiny-vit-world)")
     p.add_argument("--pretrained", type=str | None, default=None,
@@ -124,8 +125,14 @@ def load_eval_model(cfg: Namespace, device: str):
     method = None
     if cfg.ckpt:
         from xclip.lightning_modules.base import load_method_checkpoint
+        from xclip.models.prompt_learner import is_dassl_prompt_checkpoint
 
-        method = load_method_checkpoint(cfg.ckpt, map_location=device)
+        if is_dassl_prompt_checkpoint(cfg.ckpt):  # CoOp's own prompt_learner/model.pth.tar-N (+ --backbone)
+            from xclip.lightning_modules.coop import load_coop_prompt_checkpoint
+
+            method = load_coop_prompt_checkpoint(cfg.ckpt, cfg.backbone, cfg.pretrained, map_location=device)
+        else:
+            method = load_method_checkpoint(cfg.ckpt, map_location=device)
         backbone = method.backbone
     else:
         backbone = build_clip(cfg.backbone, cfg.pretrained, device=device)

@@ -13,6 +13,13 @@
 
 Deviation: the anchor's shallow ``copy.copy`` leaves each processed channel at its mean for all later channels;
 here every channel is measured on the unmodified codes (the defect is not reproduced).
+
+CLIP input (``preprocess``): ``torch`` (default) resizes the float render with torch's antialiased bicubic;
+``anchor`` is the anchor's exact path: the render rounded to uint8, a PIL image, CLIP's own preprocess (PIL bicubic
+resize of the short side, centre crop, mean/std).  The two differ by about 1.8 % in the channel relevance.
+No channel above beta: the anchor divides 0 by 0 (NaN styles); here the scores stay 0 (no edit) and the count
+printed is 0.  W+ truncation: the statistics use psi 0.7 on the first ``cutoff`` = 8 W+ rows (the anchor's GetCode);
+the random faces to edit (no ``--latent-path``) use psi 0.7 on all rows (StyleCLIP's initial latent).
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +100,35 @@ def relevance_layers(generator: Generator, max_resolution: int = 128) -> list[in
     return [j for j, r in enumerate(generator.s_resolutions()) if j not in rgb and r <= max_resolution]
 
 
-def clip_standard_input(backbone: ClipBackbone, images: torch.Tensor) -> torch.Tensor:
-    """Generator [-1, 1] -> CLIP's standard preprocessing (resize to image_size, mean/std normalisation)."""
+ClipPreprocess = Literal["torch", "anchor"]
+
+
+def clip_standard_input(backbone: ClipBackbone, images: torch.Tensor, preprocess: ClipPreprocess = "torch"
+                        ) -> torch.Tensor:
+    """Generator [-1, 1] [B, 3, H, W] -> CLIP's standard preprocessing [B, 3, S, S] (resize to image_size,
+    mean/std normalisation); ``preprocess="anchor"``: uint8 render through PIL bicubic (module doc)."""
+    if preprocess == "anchor":
+        return clip_anchor_input(backbone, images)
+    if preprocess != "torch":
+        raise ValueError(f"preprocess={preprocess!r}; expected 'torch' or 'anchor'.")
     x = (images.clamp(-1, 1) + 1) / 2
     x = F.interpolate(x, size=(backbone.image_size, backbone.image_size), mode="bicubic", align_corners=False,
                       antialias=True)
+    return backbone.normalize_pixels(x)
+
+
+def clip_anchor_input(backbone: ClipBackbone, images: torch.Tensor) -> torch.Tensor:
+    """The anchor's path: ((x + 1) * 127.5) rounded to uint8 as StyleGAN's image export, ``PIL.Image``, then CLIP's
+    preprocess (``Resize(S, BICUBIC)`` on the short side, ``CenterCrop(S)``, ToTensor, mean/std)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    size = backbone.image_size
+    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])
+    u8 = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [B, 3, H, W]
+    arrs = u8.permute(0, 2, 3, 1).cpu().numpy()
+    x = torch.stack([tf(Image.fromarray(np.ascontiguousarray(a))) for a in arrs]).to(images.device)
     return backbone.normalize_pixels(x)
 
 
@@ -108,12 +139,16 @@ def _cache_key(meta: dict) -> str:
 @torch.no_grad()
 def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: StyleStats, layers: Sequence[int] | None = None,
                       n_images: int = 100, alpha: float = 5.0, batch_size: int = 32, cache_dir: str | Path | None = None,
-                      cache_meta: dict | None = None, progress: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """fs3 [n_channels, D] and the (S layer, channel) of each row; cached under ``cache_dir`` when given."""
+                      cache_meta: dict | None = None, progress: bool = True, preprocess: ClipPreprocess = "torch"
+                      ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """fs3 [n_channels, D] and the (S layer, channel) of each row; cached under ``cache_dir`` when given.
+    ``preprocess``: how renders reach CLIP (``torch`` default, ``anchor`` = uint8 + PIL bicubic; module doc)."""
     layers = list(relevance_layers(generator) if layers is None else layers)
     n_images = min(n_images, stats.codes[0].shape[0])
     meta = {"layers": layers, "n_images": n_images, "alpha": alpha, "clip": backbone.spec(),
             "generator": {"size": generator.size, "style_dim": generator.style_dim}, **(cache_meta or {})}
+    if preprocess != "torch":  # keeps the cache keys of existing torch-preprocessed fs3 files
+        meta["preprocess"] = preprocess
     path = Path(cache_dir) / f"fs3_{_cache_key(meta)}.pt" if cache_dir else None
     if path is not None and path.is_file():
         cached = safe_torch_load(path, "channel-relevance cache")
@@ -134,7 +169,7 @@ def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: Style
                 s[j][: hi - lo, c] = stats.mean[j][c].to(dev) - shift
                 s[j][hi - lo:, c] = stats.mean[j][c].to(dev) + shift
                 img = generator.synthesize_s(s, randomize_noise=False)
-                e = backbone.encode_image(clip_standard_input(backbone, img), normalize=True)  # [2b, D]
+                e = backbone.encode_image(clip_standard_input(backbone, img, preprocess), normalize=True)  # [2b, D]
                 diffs.append(F.normalize(e[hi - lo:] - e[: hi - lo], dim=-1))
             rows.append(F.normalize(torch.cat(diffs).mean(0), dim=-1).cpu())
             if bar is not None:
@@ -228,6 +263,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--n-images", type=int, default=100, help="images per channel for the relevance")
     p.add_argument("--max-resolution", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--clip-preprocess", choices=["torch", "anchor"], default="torch",
+                   help="renders -> CLIP: float torch bicubic (default) or the anchor's uint8 + PIL bicubic")
     p.add_argument("--cache-dir", default="cache/styleclip_global")
     p.add_argument("--output-dir", default="results/styleclip_global")
     p.add_argument("--no-progress", action="store_true")
@@ -262,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
         atomic_torch_save({"mean": stats.mean, "std": stats.std, "codes": stats.codes, "meta": ident}, stats_path)
     fs3, index = channel_relevance(gen, backbone, stats, relevance_layers(gen, args.max_resolution), args.n_images,
                                    batch_size=args.batch_size, cache_dir=args.cache_dir, cache_meta=ident,
-                                   progress=progress)
+                                   progress=progress, preprocess=getattr(args, "clip_preprocess", "torch"))
     dt = text_direction(backbone, args.neutral, args.target)
     beta = auto_beta(fs3, dt, args.c_threshold) if args.beta == "auto" else float(args.beta)
     scores = channel_scores(fs3, dt, beta)

@@ -71,6 +71,24 @@ def test_init_options_and_errors(tiny_backbone):
         PromptLearner(tiny_backbone, NAMES, class_token_position="left")
 
 
+def test_ctx_init_underscores_tokens_and_csc(tiny_backbone):
+    """CoOp's CTX_INIT cleaning (``_`` -> space); the phrase length is counted in BPE tokens (CoOp counts words,
+    which misplaces the context for a multi-token word); with csc each class gets its own copy of the phrase."""
+    a = PromptLearner(tiny_backbone, NAMES, ctx_init="a_photo_of_a")
+    b = PromptLearner(tiny_backbone, NAMES, ctx_init="a photo of a")
+    assert torch.equal(a.ctx, b.ctx) and a.n_ctx == 4
+    phrase = "a photograph of an axolotl"
+    n_tok = len(tiny_backbone.tokenizer.encode(phrase))
+    assert n_tok > len(phrase.split(" "))  # a multi-token word: CoOp would take 5 of its token embeddings
+    pl = PromptLearner(tiny_backbone, ["dog"], ctx_init=phrase)
+    assert pl.n_ctx == n_tok
+    with torch.no_grad():
+        ref = _clip_text(tiny_backbone, [phrase + " dog."])
+        assert (pl.text_features(normalize=False) - ref).abs().max() < 1e-5
+    csc = PromptLearner(tiny_backbone, NAMES, ctx_init="a photo of a", csc=True)
+    assert csc.ctx.shape[:2] == (3, 4) and all(torch.equal(csc.ctx[c], b.ctx) for c in range(3))
+
+
 def test_only_context_is_trained_and_saved(tmp_path):
     m = CoOp("tiny-vit-test", None, classnames=NAMES, n_ctx=4)
     assert list(m.learned_state_dict()) == ["prompt_learner.ctx"]
