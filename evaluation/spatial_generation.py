@@ -89,8 +89,15 @@ def check(s: Settings, ctx: RunContext | None = None) -> None:
                          f"{s.cutn})")
     load_layouts(s.prompts, s.size)
     if s.vqgan_config != "tiny":
+        from xclip.models.vqgan import load_vqgan_config
+
         require(s.vqgan_config, "--spatial_generation.vqgan_config", "a taming VQGAN yaml, or 'tiny'")
-        require(s.vqgan_ckpt, "--spatial_generation.vqgan_ckpt", "the taming checkpoint of that config")
+        load_vqgan_config(s.vqgan_config)   # a bad yaml fails here, before any suite runs
+    elif s.vqgan_ckpt:
+        raise ValueError("--spatial_generation.vqgan_ckpt given without --spatial_generation.vqgan_config (the "
+                         "taming yaml)")
+    if s.vqgan_ckpt:
+        require(s.vqgan_ckpt, "--spatial_generation.vqgan_ckpt", "the taming checkpoint of vqgan_config")
     check_writable_dir(out_dir(s, ctx), "--spatial_generation.out")
     if s.text_prompts:
         from xclip.metrics.text_in_image import require_tesseract
