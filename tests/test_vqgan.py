@@ -265,17 +265,12 @@ def test_generation_with_spelling_projection(tiny_backbone):
 @pytest.mark.skipif(__import__("shutil").which("tesseract") is None, reason="tesseract binary not installed")
 def test_spatial_generation_text_in_image_with_and_without_w(tiny_backbone, tmp_path):
     from xclip.evaluation import spatial_generation
-    from xclip.evaluation.common import EvalModel
+    from xclip.evaluation.common import EvalModel, RunContext
 
-    parser = argparse.ArgumentParser()
-    spatial_generation.add_arguments(parser)
-    args = parser.parse_args(["--spatial-generation-methods", "plain", "--spatial-generation-limit", "1",
-                              "--spatial-generation-size", "64", "--spatial-generation-steps", "1",
-                              "--spatial-generation-cutn", "1", "--spatial-generation-out", str(tmp_path),
-                              "--spatial-generation-text-prompts", "a sign that says hello"])
-    args.seed, args.device = 0, "cpu"
+    settings = spatial_generation.Settings(methods=["plain"], limit=1, size=64, steps=1, cutn=1, out=str(tmp_path),
+                                           text_prompts=["a sign that says hello"])
     w = torch.linalg.qr(torch.randn(64, 64))[0][:16]
-    res = spatial_generation.run(EvalModel(tiny_backbone, projection=w), args)
+    res = spatial_generation.run(EvalModel(tiny_backbone, projection=w), settings, RunContext(seed=0))
     tii = res["text_in_image"]
     assert tii["groups"] == ["no_W", "W"] and tii["no_W/n"] == 1 and tii["W/n"] == 1
     assert 0 <= tii["all/rate@0"] <= 1
