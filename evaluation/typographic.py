@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 
 from xclip.datamodules.typographic_real import EXPECTED_LAYOUT, TypoSample, load_typographic_real, make_attacks
 from xclip.evaluation._images import check_templates, class_features, encode_pil, list_images, open_image, require
