@@ -20,7 +20,6 @@ from typing import Callable, Protocol, Sequence
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "coop"
 SINGLE_TEMPLATE = "a photo of a {}."
 # CoOp's CUSTOM_TEMPLATES (one per dataset; ImageNet and the rest use SINGLE_TEMPLATE)
 DATASET_TEMPLATES = {
@@ -47,14 +46,17 @@ class TextEncoder(Protocol):
 
 
 def load_templates(spec: str) -> list[str]:
-    """'single' | 'imagenet80' | 'imagenet_select' | a dataset key of DATASET_TEMPLATES | a text file (one a line)."""
+    """'single' | 'imagenet80' (open_clip's 80 OpenAI templates) | 'imagenet_select' | a dataset key of
+    DATASET_TEMPLATES | a text file (one template a line, each with one '{}')."""
     if spec == "single":
         return [SINGLE_TEMPLATE]
     if spec == "imagenet_select":
         return list(IMAGENET_TEMPLATES_SELECT)
     if spec in DATASET_TEMPLATES:
         return [DATASET_TEMPLATES[spec]]
-    path = TEMPLATE_DIR / "imagenet_templates.txt" if spec == "imagenet80" else Path(spec).expanduser()
+    if spec == "imagenet80":
+        return openai_imagenet_templates()
+    path = Path(spec).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Template spec {spec!r}: not 'single', 'imagenet80', 'imagenet_select', one of "
                                 f"{sorted(DATASET_TEMPLATES)}, nor an existing file ({path}).")
