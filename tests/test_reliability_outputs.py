@@ -216,3 +216,16 @@ def test_ablate_heads_out_of_range(tmp_path):
     with pytest.raises(SystemExit, match=r"--last_layers 3: the store has 2 layers"):
         analyze.main(["textspan", "--store", str(store), "--backbone", "tiny-vit-test", "--pool", str(store),
                       "--last_layers", "3", "--out", str(tmp_path / "ts")])
+
+
+def test_corrupt_image_in_typographic_folder_named(tmp_path):
+    for cls, colour in (("apple", "red"), ("sky", "blue")):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "imgs" / cls / "0.png")
+    (tmp_path / "imgs" / "sky" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*TINY, "--suite", "typographic", "world", *WORLD_SMALL, "--typographic.source", "imagefolder",
+                       "--typographic.data", str(tmp_path / "imgs"), "--out", str(tmp_path / "r.json")])
+    msg = str(e.value.code)
+    assert "typographic" in msg and str(tmp_path / "imgs" / "sky" / "1.png") in msg and "replace or remove" in msg
+    assert "world" in json.loads((tmp_path / "r.json").read_text())["suites"]      # the next suite still ran
