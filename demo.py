@@ -121,19 +121,19 @@ def typographic_eval(backbone, W, n: int, seed: int = 1234) -> dict:
     """Zero-shot shape accuracy (%) on clean / attacked world objects, raw CLIP vs projected by W."""
     import torch
 
-    from xclip.datamodules.feature_cache import encode_pils, encode_texts
+    from xclip.datamodules.feature_cache import encode_pils
     from xclip.datamodules.synthetic_world import class_prompts, typographic_split
     from xclip.lightning_modules.spelling import apply_projection
+    from xclip.models.zero_shot import prompt_classifier
 
     split = typographic_split(n=n, seed=seed, image_size=backbone.image_size)
     prompts = [class_prompts(c) for c in split.classnames]
-    txt = encode_texts(backbone, [p for ps in prompts for p in ps]).view(len(prompts), len(prompts[0]), -1)
     feats = {"clean": encode_pils(backbone, split.clean), "attacked": encode_pils(backbone, split.attacked)}
     labels = torch.tensor(split.labels)
     words = [split.classnames.index(w) for w in split.attack_words]
     out, preds = {}, {}
     for name, w in (("clip", None), ("projected", W)):
-        cls = torch.nn.functional.normalize(apply_projection(txt, w).mean(1), dim=-1)        # [C, k]
+        cls = prompt_classifier(backbone, prompts, lambda e: apply_projection(e, w)).float().cpu()   # [C, k]
         for kind, f in feats.items():
             pred = (apply_projection(f, w) @ cls.t()).argmax(1)
             out[f"{name}/{kind}_acc"] = 100.0 * (pred == labels).float().mean().item()

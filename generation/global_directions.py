@@ -184,13 +184,10 @@ def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: Style
 @torch.no_grad()
 def text_direction(backbone: ClipBackbone, neutral: str, target: str, templates: Sequence[str] | None = None) -> torch.Tensor:
     """dt = normalise(t_target - t_neutral), each the normalised mean of normalised template embeddings. [D]."""
-    templates = list(templates or imagenet_templates())
+    from xclip.models.zero_shot import zero_shot_classifier
 
-    def embed(name: str) -> torch.Tensor:
-        e = backbone.encode_text(backbone.tokenize([t.format(name) for t in templates]), normalize=True)
-        return F.normalize(e.mean(0), dim=-1)
-
-    return F.normalize(embed(target) - embed(neutral), dim=-1).float().cpu()
+    neutral_e, target_e = zero_shot_classifier(backbone, [neutral, target], list(templates or imagenet_templates()))
+    return F.normalize(target_e - neutral_e, dim=-1).float().cpu()
 
 
 def channel_scores(fs3: torch.Tensor, dt: torch.Tensor, beta: float) -> torch.Tensor:

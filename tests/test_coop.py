@@ -184,14 +184,14 @@ def test_coop_beats_zero_shot_end_to_end(tmp_path, monkeypatch, one_thread):
                 "--data.init_args.dataset", f"imagefolder:{root}", "--trainer.max_steps", "30",
                 "--trainer.default_root_dir", str(tmp_path / "run")])
     ckpt = next((tmp_path / "run").rglob("last.ckpt"))
-    res = evaluate.main(["--ckpt", str(ckpt), "--suite", "zeroshot", "--zeroshot_dataset", f"imagefolder:{root}",
-                         "--zeroshot_num_workers", "0", "--out", str(tmp_path / "res.json"), "--device", "cpu"])
+    res = evaluate.main(["--ckpt", str(ckpt), "--suite", "zeroshot", "--zeroshot.dataset", f"imagefolder:{root}",
+                         "--zeroshot.num_workers", "0", "--out", str(tmp_path / "res.json"), "--device", "cpu"])
     r = res["suites"]["zeroshot"]
     assert r["n_images"] == 40 and r["n_classes"] == 4
     best_zs = max(r["top1/single"], r["top1/imagenet80"])
     print(f"top-1 on 40 test images: zero-shot single {r['top1/single']}, 80 templates {r['top1/imagenet80']}, "
           f"CoOp {r['top1/method']}")
-    assert r["top1/method"] >= best_zs + 20, r  # percent
+    assert r["top1/method"] >= best_zs + 0.20, r  # fractions
 
 
 def _anchor_expl_loss(m, x, y):

@@ -392,8 +392,8 @@ def test_evaluate_cli_on_prompt_file_and_coop_folder(tmp_path, world):
     path = write_dassl_prompt_file(tmp_path / "run", world, ["x", "y", "z"], _phrase_ctx(world, "a photo of a"))
     out = tmp_path / "res.json"
     res = evaluate.main(["--ckpt", str(path), "--backbone", WORLD[0], "--pretrained", WORLD[1], "--suite",
-                         "zeroshot", "--zeroshot_dataset", f"coop:EuroSAT:{tmp_path / 'DATA'}", "--zeroshot_templates",
-                         "single", "--zeroshot_num_workers", "0", "--device", "cpu", "--out", str(out)])
+                         "zeroshot", "--zeroshot.dataset", f"coop:EuroSAT:{tmp_path / 'DATA'}", "--zeroshot.templates",
+                         "[single]", "--zeroshot.num_workers", "0", "--device", "cpu", "--out", str(out)])
     z = res["suites"]["zeroshot"]
     assert z["n_images"] == 9 and z["n_classes"] == 3
     assert z["top1/method"] == z["top1/single"]
