@@ -358,6 +358,10 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     configure_threads()  # utils/threads.py: never more torch threads than free cores
+    from xclip.utils.io import check_config_files
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_files(argv)  # a bad --config file is named before jsonargparse reads it
     cfg = build_parser().parse_args(argv)
     name = cfg.subcommand
     kwargs = cfg[name].as_dict()

@@ -154,8 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     configure_threads()  # utils/threads.py: never more torch threads than free cores
+    from xclip.utils.io import check_config_files
+
     parser = build_parser()
-    cfg = parser.parse_args(merge_repeated(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_files(argv)  # a bad --config file is named before jsonargparse reads it
+    cfg = parser.parse_args(merge_repeated(argv))
     if not cfg.suite:
         raise SystemExit(f"evaluate: name at least one suite (--suite NAME [NAME ...]); valid suites: "
                          f"{', '.join(SUITE_TABLE)}")

@@ -192,6 +192,13 @@ def _tiny_vqgan_yaml(tmp: Path) -> None:
     (tmp / "vqgan.yaml").write_text(taming_yaml(TINY_DDCONFIG, 32, 8))
 
 
+def _tiny_vqgan_ckpt(tmp: Path) -> None:
+    """A genuine tiny taming-layout ckpt, so that the hostile yaml beside it is what gets read."""
+    from xclip.models.vqgan import tiny_vqgan
+
+    torch.save({"state_dict": tiny_vqgan(n_embed=32, embed_dim=8).state_dict()}, tmp / "good.ckpt")
+
+
 TINY_GEN = ["--generator.size", "8", "--generator.style_dim", "8", "--generator.n_mlp", "1",
             "--generator.channel_max", "8", "--generator.channel_multiplier", "1", "--backbone", "tiny-vit-test",
             "--pretrained", "none", "--device", "cpu", "--progress", "false"]
@@ -320,14 +327,17 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "evaluate --projection": EntryPoint(_evaluate(*EVAL_TINY, "--projection", "{f}", "--suite", "world"), "W.ckpt"),
     "evaluate --pretrained": EntryPoint(_evaluate(*EVAL_TINY, "--pretrained", "{f}", "--suite", "world"), "clip.pt"),
     "evaluate --saliency-prf-file": EntryPoint(_evaluate(*EVAL_TINY, "--suite", "saliency_prf",
-                                                         "--saliency-prf-file", "{f}"), "maps.pt"),
+                                                         "--saliency_prf.file", "{f}"), "maps.pt"),
     "evaluate --spatial-generation-prompts": EntryPoint(_spatial_prompts, "layouts.json"),
     "evaluate --spatial-generation-vqgan-ckpt": EntryPoint(_evaluate(
-        *EVAL_TINY, "--suite", "spatial_generation", "--spatial-generation-vqgan-config", "{tmp}/vqgan.yaml",
-        "--spatial-generation-vqgan-ckpt", "{f}", "--spatial-generation-out", "{tmp}/sg"), "vqgan.ckpt"),
+        *EVAL_TINY, "--suite", "spatial_generation", "--spatial_generation.vqgan_config", "{tmp}/vqgan.yaml",
+        "--spatial_generation.vqgan_ckpt", "{f}", "--spatial_generation.out", "{tmp}/sg"), "vqgan.ckpt"),
     "evaluate --spatial-generation-vqgan-config": EntryPoint(_evaluate(
-        *EVAL_TINY, "--suite", "spatial_generation", "--spatial-generation-vqgan-config", "{f}",
-        "--spatial-generation-out", "{tmp}/sg"), "vqgan.yaml"),
+        *EVAL_TINY, "--suite", "spatial_generation", "--spatial_generation.vqgan_config", "{f}",
+        "--spatial_generation.out", "{tmp}/sg"), "vqgan.yaml"),
+    "evaluate --config": EntryPoint(_evaluate("--config", "{f}", *EVAL_TINY, "--suite", "world"), "eval.yaml"),
+    "analyze --config": EntryPoint(_analyze("segment", "--config", "{f}", "--backbone", "tiny-vit-test",
+                                            "--data", "world:2", "--device", "cpu"), "analyze.yaml"),
     "generate --config": EntryPoint(_generate("styleclip-optimize", "--config", "{f}", "--out", "{tmp}/o",
                                               *TINY_GEN), "options.yaml"),
     "generate styleclip-mapper --ckpt": EntryPoint(_generate("styleclip-mapper", "--ckpt", "{f}", "--n_random", "1",
@@ -345,7 +355,8 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "generate styleclip-global --cache-dir": EntryPoint(_styleclip_global_stats, "stats.pt"),
     "generate vqgan-clip --vqgan_ckpt": EntryPoint(_generate(
         *VQ, "--vqgan_config", "{tmp}/vqgan.yaml", "--vqgan_ckpt", "{f}", setup=_tiny_vqgan_yaml), "vqgan.ckpt"),
-    "generate vqgan-clip --vqgan_config": EntryPoint(_generate(*VQ, "--vqgan_config", "{f}"), "vqgan.yaml"),
+    "generate vqgan-clip --vqgan_config": EntryPoint(_generate(*VQ, "--vqgan_config", "{f}", "--vqgan_ckpt",
+                                                               "{tmp}/good.ckpt", setup=_tiny_vqgan_ckpt), "vqgan.yaml"),
     "generate vqgan-clip --projection": EntryPoint(_generate(*VQ, "--projection", "{f}"), "W.ckpt"),
     "generate zerocap --references": EntryPoint(_zerocap_references, "refs.json"),
     "analyze --pretrained": EntryPoint(_analyze("segment", "--backbone", "tiny-vit-test", "--pretrained", "{f}",

@@ -201,7 +201,9 @@ FILE_INPUTS: dict[str, str] = {
     "evaluate --spatial-generation-prompts": "layouts JSON (spatial_generation.load_layouts)",
     "evaluate --spatial-generation-vqgan-ckpt": "taming VQGAN ckpt (vqgan.load_taming_state_dict)",
     "evaluate --spatial-generation-vqgan-config": "taming VQGAN yaml (vqgan.load_vqgan_config: yaml.safe_load)",
-    "generate --config": "YAML option defaults of any subcommand (yaml.safe_load)",
+    "generate --config": "YAML option defaults of any subcommand (check_config_files: yaml.safe_load)",
+    "evaluate --config": "YAML settings (check_config_files)",
+    "analyze --config": "YAML settings of a subcommand (check_config_files)",
     "generate styleclip-mapper --ckpt": "mapper checkpoint (base.resolve_method + load_method_checkpoint)",
     "generate styleclip-optimize --generator-checkpoint": "rosinality StyleGAN2 (stylegan2.read_generator_checkpoint;"
                                                           " also styleclip-global / -mapper)",
