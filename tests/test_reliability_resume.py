@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from coop_data import make_colour_folder
 
@@ -180,6 +181,30 @@ def test_ckpt_path_of_another_method_is_refused(tmp_path):
 
 
 # ---- where runs write ------------------------------------------------------------------------------------
+TRAIN_CONFIGS = sorted(p for pattern in ("coop/*.yaml", "spelling/*.yaml", "styleclip/mapper_*.yaml",
+                                         "styleclip/tiny_mapper.yaml", "world/*.yaml")
+                       for p in (REPO / "configs").glob(pattern) if "trainer" in yaml.safe_load(p.read_text()))
+
+
+def test_every_training_config_checkpoints_periodically_under_its_own_root():
+    roots = {}
+    for path in TRAIN_CONFIGS:
+        t = yaml.safe_load(path.read_text())["trainer"]
+        name = str(path.relative_to(REPO))
+        root = t.get("default_root_dir") or ""
+        assert root.startswith("runs/"), f"{name}: default_root_dir {root!r}"
+        assert root not in roots, f"{name} and {roots.get(root)} share {root}"
+        roots[root] = name
+        cks = [c.get("init_args", {}) for c in t.get("callbacks") or [] if c["class_path"].endswith("ModelCheckpoint")]
+        assert not any("dirpath" in c for c in cks), f"{name}: a fixed dirpath ignores --trainer.default_root_dir"
+        assert any(c.get("save_last") and c.get("every_n_train_steps") for c in cks), \
+            f"{name}: no periodic last.ckpt (ModelCheckpoint save_last + every_n_train_steps)"
+        logger = t.get("logger")
+        if isinstance(logger, dict) and "save_dir" in logger.get("init_args", {}):
+            assert logger["init_args"]["save_dir"] == root, f"{name}: logger files outside {root}"
+    assert len(roots) == len(TRAIN_CONFIGS) >= 30
+
+
 def test_tiny_coop_command_writes_only_under_its_run_folder(tmp_path):
     """docs/coop.md's tiny command from a fresh folder: config + checkpoints under runs/<config>, nothing else
     (it used to write checkpoints/last.ckpt -- the shipped weights folder when run from the repo -- and config.yaml
@@ -226,3 +251,44 @@ def test_feature_cache_hit_and_miss_train_identically(tmp_path):
     for name in ("hit", "none"):
         assert torch.equal(runs[name][0], runs["miss"][0]), name
         assert runs[name][1] == runs["miss"][1] and runs[name][1], name
+
+
+# ---- the resumable loader itself -------------------------------------------------------------------------
+class _Noisy(torch.utils.data.Dataset):
+    """Item i = (i, a draw of the torch RNG): stands for a random augmentation."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return torch.tensor(i), torch.rand(())
+
+
+def _epoch(loader, epoch: int) -> list[torch.Tensor]:
+    loader.set_epoch(epoch)
+    return [torch.stack(b, 1) for b in loader]
+
+
+def test_loader_order_ignores_global_rng_and_workers_and_resumes_mid_epoch():
+    from xclip.datamodules.resumable import ResumableLoader
+
+    make = lambda workers=0: ResumableLoader(_Noisy(), batch_size=3, shuffle=True, drop_last=True, seed=5,  # noqa: E731
+                                             seed_items=True, num_workers=workers)
+    torch.manual_seed(1)
+    ref = _epoch(make(), 0) + _epoch(make(), 1)
+    torch.manual_seed(2)   # another global RNG state, and two worker processes
+    two = make(2)
+    assert all(torch.equal(a, b) for a, b in zip(ref, _epoch(two, 0) + _epoch(two, 1), strict=True))
+    assert not torch.equal(ref[0][:, 0], ref[3][:, 0])   # epochs differ
+    loader = make()
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()   # saved after 1 of 3 batches of epoch 1
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = _epoch(resumed, 1)
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, ref[4:], strict=True))
+    assert len(_epoch(resumed, 2)) == 3   # the skip applies to the resumed epoch only
+    with pytest.raises(ValueError, match="batch_size"):
+        ResumableLoader(_Noisy(), batch_size=2, seed=5).load_state_dict(state)
