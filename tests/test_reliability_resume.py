@@ -223,6 +223,20 @@ def test_tiny_coop_command_writes_only_under_its_run_folder(tmp_path):
     assert _step(work / written[0]) == 2
 
 
+def test_config_without_default_root_dir_writes_under_runs_named_after_it(tmp_path):
+    from xclip import train
+
+    cfg = yaml.safe_load((REPO / "configs/world/tiny_debug.yaml").read_text())
+    del cfg["trainer"]["default_root_dir"]
+    path = tmp_path / "mine" / "exp1.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(cfg))
+    cli = train.main(["--config", str(path)], run=False)
+    assert Path(cli.trainer.default_root_dir).resolve() == (tmp_path / "runs" / "mine_exp1").resolve()
+    assert {cb.dirpath for cb in cli.trainer.checkpoint_callbacks} == \
+        {str((tmp_path / "runs" / "mine_exp1" / "checkpoints").resolve())}
+
+
 def test_default_root_dir_moves_the_checkpoints_of_configs_with_a_logger(tmp_path):
     """W&B configs used to write into a new run-id folder per launch; every ModelCheckpoint without a dirpath now
     writes to {default_root_dir}/checkpoints."""
