@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 from xclip.utils.io import AtomicCheckpointIO  # noqa: E402
 from xclip.utils.resume import default_run_dir, resolve_ckpt_path, use_run_checkpoint_dir  # noqa: E402
 from xclip.utils.wandb_setup import ensure_wandb_mode  # noqa: E402
+from xclip.utils.threads import configure_threads  # noqa: E402
 
 
 class SaveConfigToLogger(SaveConfigCallback):
@@ -96,17 +97,37 @@ def respect_omp_thread_limit() -> None:
         torch.set_num_threads(int(limit))
 
 
+def exit_on_backbone_error(error: BaseException) -> None:
+    """A model's BackboneError (missing weights, offline...) reaches us wrapped in jsonargparse's union dump:
+    print its message alone and exit 2. Returns (for the caller to re-raise) when there is none in the chain."""
+    from xclip.models.clip_backbone import BackboneError
+
+    seen: set[int] = set()
+    cur: BaseException | None = error
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, BackboneError):
+            print(f"error: {cur}", file=sys.stderr)
+            raise SystemExit(2) from None
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+
+
 def main(args: list[str] | None = None, run: bool = True) -> CLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     respect_omp_thread_limit()
     ensure_wandb_mode()
-    return CLI(
-        pl.LightningModule, pl.LightningDataModule,
-        subclass_mode_model=True, subclass_mode_data=True,
-        save_config_callback=SaveConfigToLogger,
-        save_config_kwargs={"overwrite": True},
-        args=args, run=run,
-    )
+    try:
+        return CLI(
+            pl.LightningModule, pl.LightningDataModule,
+            subclass_mode_model=True, subclass_mode_data=True,
+            save_config_callback=SaveConfigToLogger,
+            save_config_kwargs={"overwrite": True},
+            args=args, run=run,
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised unless it wraps a BackboneError
+        exit_on_backbone_error(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from xclip.datamodules.quintuples import QuintupleDataset, StyleConfig, WordConfig, make_image_source
@@ -94,11 +93,9 @@ def encode_pils(backbone, images, batch_size: int = 64) -> torch.Tensor:
 def class_feature_matrices(backbone, dataset: QuintupleDataset) -> dict[str, torch.Tensor]:
     """class_text [C, d]: mean of each class's prompt embeddings, renormalised; class_word_image [C, d]: the
     class name rendered on a blank canvas (the image-to-image classifier of 5.2)."""
-    prompts = dataset.class_prompts()
-    flat = [p for ps in prompts for p in ps]
-    emb = encode_texts(backbone, flat)                                       # [sum P, d]
-    sizes = [len(ps) for ps in prompts]
-    class_text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in emb.split(sizes)])   # [C, d]
+    from xclip.models.zero_shot import prompt_classifier
+
+    class_text = prompt_classifier(backbone, dataset.class_prompts()).float().cpu()   # [C, d]
     canvas = max(dataset.canvas_size, 224)      # long class names fit; preprocess resizes to the model's input
     size = round(dataset.font_size * canvas / dataset.canvas_size)
     style = TextStyle(font=dataset.fonts[0], size=size, fill=tuple(dataset.style.colour))

@@ -102,8 +102,6 @@ def test_shipped_checkpoint_reads_and_is_fooled_by_words():
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="checkpoints/tiny_clip_world.pt not built yet")
 def test_pretraining_config_reproduces_the_shipped_metrics(tmp_path):
     """Re-runs configs/world/pretrain_tiny_clip.yaml (tens of minutes on 2 cores) and compares the world suite."""
-    import argparse
-
     from xclip.evaluation import world
     from xclip.evaluation.common import EvalModel
     from xclip.lightning_modules.clip_pretrain import export_clip_weights
@@ -118,7 +116,7 @@ def test_pretraining_config_reproduces_the_shipped_metrics(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = export_clip_weights(tmp_path / "ckpt" / "last.ckpt", tmp_path / "clip.pt")
     model = EvalModel(build_clip("tiny-vit-world", str(out)))
-    got = world.run(model, argparse.Namespace(world_n=400, world_seed=1234, world_words=200))
+    got = world.run(model, world.Settings(n=400, seed=1234, words=200))
     want = _card_metrics()
     for key in ("clean_acc", "attacked_acc", "word_top1_real"):
         assert abs(got[key] - want[key]) <= 0.10, (key, got[key], want[key])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -212,19 +213,19 @@ def test_spatial_conditioning_with_shipped_tiny_clip():
 
 # ---- evaluation -------------------------------------------------------------------------------------------
 def test_spatial_generation_suite_writes_table(tiny_backbone, tmp_path):
+    from xclip import evaluate
     from xclip.evaluation import spatial_generation
-    from xclip.evaluation.common import EvalModel
+    from xclip.evaluation.common import EvalModel, RunContext
 
-    parser = argparse.ArgumentParser()
-    spatial_generation.add_arguments(parser)
     layouts = [{"regions": [{"text": "a red circle", "bbox": [0, 0, 16, 32], "label": "circle"}]}]
     (tmp_path / "layouts.json").write_text(json.dumps(layouts))
-    args = parser.parse_args(["--spatial-generation-prompts", str(tmp_path / "layouts.json"),
-                              "--spatial-generation-methods", "textual,explainability",
-                              "--spatial-generation-size", "32", "--spatial-generation-steps", "3",
-                              "--spatial-generation-cutn", "2", "--spatial-generation-out", str(tmp_path / "out")])
-    args.seed, args.device = 0, "cpu"
-    res = spatial_generation.run(EvalModel(tiny_backbone), args)
+    parser = evaluate.build_parser()
+    cfg = parser.parse_args(["--spatial_generation.prompts", str(tmp_path / "layouts.json"),
+                             "--spatial_generation.methods", "[textual, explainability]",
+                             "--spatial_generation.size", "32", "--spatial_generation.steps", "3",
+                             "--spatial_generation.cutn", "2", "--spatial_generation.out", str(tmp_path / "out")])
+    settings = parser.instantiate(cfg).spatial_generation
+    res = spatial_generation.run(EvalModel(tiny_backbone), settings, RunContext(seed=0))
     table = res["tables"]["methods"]
     assert [r[0] for r in table["data"]] == ["textual", "explainability"]
     for m in ("textual", "explainability"):
@@ -235,23 +236,24 @@ def test_spatial_generation_suite_writes_table(tiny_backbone, tmp_path):
     assert ann == {"img_000.png": [{"label": "circle", "box": [0.0, 0.0, 16.0, 32.0]}]}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"regions": [{"text": "x", "bbox": [30, 0, 10, 10]}]}]))
-    args.spatial_generation_prompts = str(bad)
     with pytest.raises(ValueError, match="bad.json.*'x'.*not inside"):
-        spatial_generation.run(EvalModel(tiny_backbone), args)
+        spatial_generation.run(EvalModel(tiny_backbone), replace(settings, prompts=str(bad)))
 
 
 def test_cli_smoke(tmp_path, capsys):
-    import generate as gen_cli
+    from xclip import generate as gen_cli
 
     gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--backbone", "tiny-vit-test", "--pretrained", "none",
-                  "--prompt", "0,0,16,32=a red circle", "--method", "explainability", "--width", "32",
-                  "--height", "32", "--steps", "2", "--cutn", "2", "--device", "cpu", "--no_progress",
+                  "--prompts", "0,0,16,32=a red circle", "--method", "explainability", "--width", "32",
+                  "--height", "32", "--steps", "2", "--cutn", "2", "--device", "cpu", "--progress", "false",
                   "--out", str(tmp_path / "run")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["size"] == [32, 32] and (tmp_path / "run" / "final.png").is_file()
-    with pytest.raises(ValueError, match="not inside"):
-        gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--prompt", "0,0,64,64=a dog", "--width", "32",
+    json.loads((tmp_path / "run" / "losses.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    with pytest.raises(SystemExit, match="not inside"):
+        gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--prompts", "0,0,64,64=a dog", "--width", "32",
                       "--height", "32", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_generation_with_spelling_projection(tiny_backbone):
@@ -265,17 +267,12 @@ def test_generation_with_spelling_projection(tiny_backbone):
 @pytest.mark.skipif(__import__("shutil").which("tesseract") is None, reason="tesseract binary not installed")
 def test_spatial_generation_text_in_image_with_and_without_w(tiny_backbone, tmp_path):
     from xclip.evaluation import spatial_generation
-    from xclip.evaluation.common import EvalModel
+    from xclip.evaluation.common import EvalModel, RunContext
 
-    parser = argparse.ArgumentParser()
-    spatial_generation.add_arguments(parser)
-    args = parser.parse_args(["--spatial-generation-methods", "plain", "--spatial-generation-limit", "1",
-                              "--spatial-generation-size", "64", "--spatial-generation-steps", "1",
-                              "--spatial-generation-cutn", "1", "--spatial-generation-out", str(tmp_path),
-                              "--spatial-generation-text-prompts", "a sign that says hello"])
-    args.seed, args.device = 0, "cpu"
+    settings = spatial_generation.Settings(methods=["plain"], limit=1, size=64, steps=1, cutn=1, out=str(tmp_path),
+                                           text_prompts=["a sign that says hello"])
     w = torch.linalg.qr(torch.randn(64, 64))[0][:16]
-    res = spatial_generation.run(EvalModel(tiny_backbone, projection=w), args)
+    res = spatial_generation.run(EvalModel(tiny_backbone, projection=w), settings, RunContext(seed=0))
     tii = res["text_in_image"]
     assert tii["groups"] == ["no_W", "W"] and tii["no_W/n"] == 1 and tii["W/n"] == 1
     assert 0 <= tii["all/rate@0"] <= 1

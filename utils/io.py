@@ -57,3 +57,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         atomic_torch_save(checkpoint, path)
+
+
+def check_writable_file(path: str | Path, flag: str = "--out") -> Path:
+    """Before any long work: ``path`` can be written atomically (not a folder, its folder creatable and writable).
+    Creates the folder; raises ValueError naming the flag, the path and the fix."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path such as {path / 'results.json'}")
+    check_writable_dir(path.parent, flag, f"{flag} {path}: folder {path.parent}")
+    return path
+
+
+def check_writable_dir(path: str | Path, flag: str = "--out", what: str | None = None) -> Path:
+    """Before any long work: folder ``path`` exists (created if missing) and a file can be created in it."""
+    path = Path(path).expanduser()
+    what = what or f"{flag} {path}"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} is a file, not a folder; choose another location for {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} is not writable ({type(e).__name__}: {e.strerror or e}); choose a writable "
+                         f"location for {flag}") from None
+    return path
