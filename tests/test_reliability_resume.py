@@ -36,6 +36,7 @@ def _every(n: int) -> str:
 @pytest.fixture(autouse=True)
 def _one_thread(tmp_path, monkeypatch):
     n = torch.get_num_threads()
+    monkeypatch.setenv("XCLIP_THREADS", "1")   # train.main's thread choice (utils/threads.py), as in the subprocess
     torch.set_num_threads(1)    # the subprocess runs with OMP_NUM_THREADS=1: same reduction order
     monkeypatch.chdir(tmp_path)  # nothing a run writes by default may land in the repository
     yield
@@ -61,7 +62,7 @@ def _kill_mid_epoch(config: str, root: Path, extra: list[str], steps_per_epoch: 
     """Run in a subprocess, SIGKILL it once last.ckpt exists; returns the step of that checkpoint."""
     cmd = [sys.executable, "-m", "xclip.train", "fit", "--config", str(REPO / config),
            f"--trainer.default_root_dir={root}", *extra, DELAY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "XCLIP_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=root.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = root / "checkpoints" / "last.ckpt"
     deadline = time.time() + 150
