@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from xclip.evaluation import (detection_ap, mean_ablation, ocr_iiit5k, retrieval, saliency_prf, spatial_generation,
                               text_in_image, typographic, world, zeroshot)
@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", type=str, default="results.json", help="JSON results file (rewritten after each suite)")
     p.add_argument("--device", type=str | None, default=None, help="cpu / cuda[:i] (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wandb", action=ActionYesNo, default=False,
+    p.add_argument("--wandb", type=bool, default=False,
                    help="log results and tables to W&B (offline without a key)")
     p.add_argument("--wandb_project", type=str, default="xclip-eval")
     for m in SUITES:

@@ -4,6 +4,13 @@
     python train.py fit --config configs/coop/imagenet_16shot.yaml --trainer.devices 4 --trainer.strategy ddp
     python train.py fit --config <cfg> --ckpt_path last          # resume a killed run
     python train.py fit --config <cfg> --print_config            # resolved config
+
+Outputs: everything of a run goes under ``trainer.default_root_dir`` (configs set ``runs/<name>``; unset:
+``runs/<config folder>_<config name>``): the resolved ``config.yaml`` (or beside the logger's files) and the
+checkpoints in ``{default_root_dir}/checkpoints`` -- every ModelCheckpoint without an explicit ``dirpath`` writes
+there, whatever the logger, so ``--ckpt_path last`` finds them and ``--trainer.default_root_dir`` moves them.
+``--ckpt_path last`` with no checkpoint there is an error (omit it to start fresh); a ``--ckpt_path`` file is read
+with ``weights_only=True`` and checked (a training checkpoint of the configured method) before the run starts.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 from xclip.utils.io import AtomicCheckpointIO  # noqa: E402
+from xclip.utils.resume import default_run_dir, resolve_ckpt_path, use_run_checkpoint_dir  # noqa: E402
 from xclip.utils.wandb_setup import ensure_wandb_mode  # noqa: E402
 from xclip.utils.threads import configure_threads  # noqa: E402
 
@@ -33,6 +41,35 @@ class SaveConfigToLogger(SaveConfigCallback):
 
 
 class CLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Lightning re-reads the model's settings -- class included -- from a --ckpt_path file before anything
+        is checked (raw errors on a truncated file, a spelling checkpoint silently turning a CoOp config into a
+        spelling run). Here the config decides the model, and ``check_checkpoint_file`` checks the file."""
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        if cfg is not None and cfg.get("trainer") is not None and cfg.trainer.get("default_root_dir") is None:
+            cfg.trainer.default_root_dir = default_run_dir(cfg.get("config") or self.config.get("config") or [])
+
+    def _resolve_ckpt_path(self, subcommand: str) -> None:
+        cfg = self.config_init[subcommand]
+        if cfg.get("ckpt_path") is not None:
+            cfg["ckpt_path"] = resolve_ckpt_path(cfg["ckpt_path"], self.trainer, self.model, subcommand)
+            if "weights_only" in self._subcommand_method_arguments[subcommand] and cfg.get("weights_only") is None:
+                cfg["weights_only"] = True   # Lightning's own load: tensors and containers only
+
+    def before_fit(self) -> None:
+        self._resolve_ckpt_path("fit")
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path("test")
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path("predict")
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         # Rich progress bar by default (a config may still pick its own bar or enable_progress_bar: false).
         configured = list(config.get("callbacks") or []) + list(callbacks)
@@ -41,21 +78,10 @@ class CLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI would rebuild the model from the checkpoint's ``_class_path``/hyperparameters (a class named
-        in a file); here the config decides, and the file must be safe to read and hold the configured method."""
-        from pathlib import Path
-
-        from xclip.lightning_modules.base import check_resume_checkpoint
-
-        sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            check_resume_checkpoint(ckpt_path, self.config[sub].get("model", {}).get("class_path"))
-
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # checkpoints are written atomically
+        use_run_checkpoint_dir(trainer)  # {default_root_dir}/checkpoints, whatever the logger
         return trainer
 
 

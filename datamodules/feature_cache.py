@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xclip.datamodules.quintuples import QuintupleDataset, StyleConfig, WordConfig, make_image_source
+from xclip.datamodules.resumable import ResumableLoader, is_distributed
 from xclip.datamodules.text_render import DEFAULT_WORD_LIST, TextStyle, draw_word
 from xclip.utils.io import atomic_torch_save, safe_torch_load
 
@@ -178,16 +179,21 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     validation reads it)."""
 
     def __init__(self, train_features: dict[str, Any] | None = None, val_features: dict[str, Any] | None = None,
-                 batch_size: int = 128):
+                 batch_size: int = 128, shuffle_seed: int | None = None):
         super().__init__()
         self.batch_size = batch_size
+        self.shuffle_seed = shuffle_seed  # None: the run's seed_everything seed (datamodules/resumable.py)
         self.train_features = train_features
         self.val_features = val_features
         self.val_class_features = None if val_features is None else _class_feats(val_features)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(CachedQuintupleFeatures(self.train_features), batch_size=self.batch_size,
-                          shuffle=True, num_workers=0)
+        # The order is a function of (seed, epoch) only -- not of the global RNG, which computing the feature
+        # cache consumes (a cache hit and a miss gave different results) -- and resumes mid-epoch.
+        ds = CachedQuintupleFeatures(self.train_features)
+        if is_distributed(self):
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=0)
+        return ResumableLoader(ds, batch_size=self.batch_size, shuffle=True, seed=self.shuffle_seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(CachedQuintupleFeatures(self.val_features), batch_size=self.batch_size,

@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from xclip.datamodules.resumable import ResumableLoader, is_distributed
 from xclip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -502,7 +503,14 @@ class FewShotDataModule(pl.LightningDataModule):
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, True)
+        h = self.hparams
+        if is_distributed(self):
+            return self._loader(self.train_set, h.batch_size, True)
+        # Order from (seed, epoch), augmentation from a per-item seed: independent of the global RNG and of
+        # num_workers, and resumable mid-epoch (datamodules/resumable.py).
+        return ResumableLoader(self.train_set, batch_size=h.batch_size, shuffle=True, seed_items=True,
+                               drop_last=len(self.train_set) >= h.batch_size, num_workers=h.num_workers,
+                               persistent_workers=h.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.test_batch_size, False)

@@ -134,23 +134,6 @@ def check_init_kwargs(cls: type, kwargs: Mapping[str, Any], source: str | Path) 
                            f"({', '.join(sorted(named))}); the file was not written by this method.")
 
 
-def check_resume_checkpoint(path: str | Path, model_class_path: str | None) -> None:
-    """Before ``fit --ckpt_path FILE``: the file must be safely readable and, when it names its method, hold the
-    configured model's method. Unlike LightningCLI's default, nothing of the file (its ``_class_path`` or
-    hyperparameters) changes the config: the config decides what is built, never a name read from a file."""
-    from xclip.utils.io import AtomicCheckpointIO
-
-    ckpt = AtomicCheckpointIO().load_checkpoint(path)
-    method = ckpt.get("method")
-    if method is None or not model_class_path:
-        return
-    configured = str(model_class_path).rpartition(".")[2]
-    stored = LEGACY_METHOD_NAMES.get(method, method) if isinstance(method, str) else repr(method)
-    if stored != configured:
-        raise RuntimeError(f"--ckpt_path {path} holds a {str(stored)[:120]} checkpoint, but the config trains "
-                           f"{model_class_path}; resume with the config that wrote it.")
-
-
 def load_method_checkpoint(path: str | Path, expected: type[T] | None = None,
                            map_location: str | torch.device = "cpu", overrides: dict[str, Any] | None = None,
                            methods: Mapping[str, type] | None = None) -> T:

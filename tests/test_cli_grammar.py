@@ -64,7 +64,7 @@ def _printed(main, argv, capsys, tmp_path) -> Path:
      "--retrieval.white_box", "true", "--typographic.templates", '["a {}.", "an {}."]',
      "--mean_ablation.heads", "11:6 10:2", "--detection_ap.label_map", '{"motorcycle": "motorbike"}'],
     ["--config", str(ROOT / "configs/evaluate/spatial_generation_world.yaml"), "--spatial_generation.methods",
-     "[plain, explainability]", "--wandb"],
+     "[plain, explainability]", "--wandb", "true"],
 ], ids=["world", "spatial"])
 def test_evaluate_print_config_round_trips(argv, capsys, tmp_path):
     parser = evaluate.build_parser()

@@ -255,9 +255,9 @@ def test_zerocap_table_and_captioned_images(tmp_path):
     (tmp_path / "imgs").mkdir()
     for i, (shape, colour) in enumerate([("star", "red"), ("circle", "blue")]):
         render_object(shape, colour, rng, image_size=32)[0].save(tmp_path / "imgs" / f"{i}.png")
-    main([str(tmp_path / "imgs"), "--lm", str(tmp_path / "lm"), "--backbone", "tiny-vit-test", "--pretrained",
-          "none", "--beam-size", "2", "--target-seq-length", "2", "--top-size", "8", "--num-iterations", "1",
-          "--out", str(tmp_path / "caps.json"), "--device", "cpu", "--wandb"])
+    main(["--images", str(tmp_path / "imgs"), "--lm", str(tmp_path / "lm"), "--backbone", "tiny-vit-test",
+          "--pretrained", "none", "--beam_size", "2", "--target_seq_length", "2", "--top_size", "8",
+          "--num_iterations", "1", "--out", str(tmp_path / "caps.json"), "--device", "cpu", "--wandb", "true"])
     saved = json.loads((tmp_path / "caps.json").read_text())["captions"]
     arrays, caps = logged_images(tmp_path, "captions/images")
     assert len(arrays) == 2 and [c.split(" (CLIP-S")[0] for c in caps] == [r["caption"] for r in saved]
@@ -278,8 +278,8 @@ def test_zerocap_table_and_captioned_images(tmp_path):
 def test_demo_logs_its_figure(tmp_path):
     from xclip import demo
 
-    demo.main(["--out", str(tmp_path / "demo"), "--pretrained", "none", "--fast", "--n-train", "64",
-               "--n-val", "32", "--n-attack", "20", "--epochs", "1"])
+    demo.main(["--out", str(tmp_path / "demo"), "--pretrained", "none", "--fast", "true", "--n_train", "64",
+               "--n_val", "32", "--n_attack", "20", "--epochs", "1"])
     (fig,), caps = logged_images(tmp_path, "demo/results")
     ref = np.asarray(Image.open(tmp_path / "demo" / "results.png").convert("RGB"))
     assert np.array_equal(fig, ref) and "demo figure" in caps[0]
