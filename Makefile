@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := tesseract-ocr tesseract-ocr-eng fonts-liberation wamerican
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps demo test test-slow bench clean
+.PHONY: venv system-deps demo test test-slow test-gpu bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+# CUDA tier (tests/test_gpu.py): each method's step on CUDA == CPU, mixed precision, cross-device checkpoints.
+# Skips without a GPU. On a lent device: bash benchmarks/gpu_smoke.sh (this tier + step benchmarks, < 8 min).
+test-gpu: venv
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench: venv
 	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -1,56 +1,80 @@
 """TextSpan analyses of an open_clip ViT (Gandelsman, Efros & Steinhardt, ICLR 2024); see docs/textspan.md.
 
-    python analyze.py decompose --backbone ViT-B-16 --pretrained laion2b_s34b_b88k --data /data/imagenet/val \
-        --out runs/prs_b16                                       # heads/mlps/cls_attn shards + classifier + meta
-    python analyze.py ablate   --store runs/prs_b16 --keep-last 4 --out ablation.json
-    python analyze.py textspan --store runs/prs_b16 --backbone ViT-B-16 --pretrained laion2b_s34b_b88k \
-        --pool image_descriptions_general.txt --texts-per-head 20 --last-layers 4 --out runs/prs_b16/textspan
-    python analyze.py segment  --backbone ViT-B-16 --pretrained laion2b_s34b_b88k --data /data/seg --out seg.json
-    python analyze.py spurious --backbone ViT-B-16 --pretrained laion2b_s34b_b88k --waterbirds /data/waterbirds \
-        --paper-heads ViT-B-16 --out-store runs/wb_b16 --out wb.json
+    xclip analyze decompose --config configs/analyze/decompose_imagenet_b16.yaml   # store: heads/mlps/cls_attn shards
+    xclip analyze ablate    --store runs/prs_b16 --keep_last '[1, 2, 4]' --out ablation.json
+    xclip analyze textspan  --config configs/analyze/textspan_imagenet_b16.yaml
+    xclip analyze segment   --backbone ViT-B-16 --pretrained laion2b_s34b_b88k --data /data/seg --out seg.json
+    xclip analyze spurious  --config configs/analyze/spurious_waterbirds_b16.yaml
 
+Every subcommand takes ``--config a.yaml`` (repeatable; the file holds that subcommand's settings), ``--print_config``
+and snake_case flags; the settings are the typed signatures of the functions below (callable from Python too).
 Every subcommand also runs on the built-in world (``--backbone tiny-vit-world --pretrained synthetic-world
---data world:400``).
+--data world:400``). Inputs, outputs and head lists are checked before any decomposition starts.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
+from typing import Callable, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+from xclip.utils.threads import configure_threads
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("analyze")
+PaperHeads = Literal["ViT-B-16", "ViT-L-14", "ViT-H-14"]   # analysis.spurious.PAPER_HEADS
 
 
-def _backbone_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--backbone", required=required, help="open_clip ViT name (e.g. ViT-B-16, tiny-vit-world)")
-    p.add_argument("--pretrained", default=None, help="open_clip tag, local weights file or shipped tag")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-
-
-def _device(args) -> str:
+def _build(backbone: str, pretrained: str | None, device: str | None):
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _build(args):
     from xclip.models.clip_backbone import build_clip
 
-    return build_clip(args.backbone, args.pretrained, device=_device(args)).freeze()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return build_clip(backbone, pretrained, device=device).freeze()
 
 
-def _templates(spec: str | None) -> list[str] | None:
-    if not spec:
-        return None
-    ts = [t for t in spec.split("|") if t]
-    if any("{}" not in t for t in ts):
-        raise SystemExit(f"--templates {spec!r}: every '|'-separated template must contain '{{}}'")
-    return ts
+def _check_templates(templates: list[str] | None) -> None:
+    if templates is not None:
+        from xclip.evaluation._images import check_templates
+
+        check_templates(templates, "--templates")
+
+
+def _check_source(data: str, flag: str, layout: str, need: tuple[str, ...] = ()) -> None:
+    """'world[:N[:SEED]]' or an existing folder (with the sub-folders ``need``)."""
+    if data.startswith("world"):
+        return
+    root = Path(data).expanduser()
+    if not root.is_dir() or any(not (root / n).is_dir() for n in need):
+        raise FileNotFoundError(f"{flag} {data}: no such folder; expected 'world[:N[:SEED]]' or {layout}")
+
+
+def _check_out(out: str | None, flag: str = "--out") -> None:
+    from xclip.utils.io import check_writable_file
+
+    if out:
+        check_writable_file(out, flag)
+
+
+def _store_meta(store: str) -> dict:
+    meta = Path(store).expanduser() / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"--store {store} is not a decomposition store (no meta.json); run "
+                                f"`xclip analyze decompose --out {store} ...` first")
+    return json.loads(meta.read_text())
+
+
+def check_heads(heads: list[tuple[int, int]], layers: int, n_heads: int, what: str, fix: str) -> None:
+    """Every (layer, head) exists in a model with ``layers`` x ``n_heads``; else ValueError naming both."""
+    bad = [f"{lay}:{h}" for lay, h in heads if not (0 <= lay < layers and 0 <= h < n_heads)]
+    if bad:
+        raise ValueError(f"{what} names {', '.join(bad)}, but the model has {layers} layers x {n_heads} heads "
+                         f"(0-indexed); {fix}")
 
 
 def _write(obj: dict, path: str | None) -> None:
@@ -64,38 +88,93 @@ def _write(obj: dict, path: str | None) -> None:
 
 
 # ---- subcommands -----------------------------------------------------------------------------------------------
-def cmd_decompose(args) -> dict:
-    from xclip.analysis.datasets import load_classification
+def decompose(backbone: str, data: str, out: str, pretrained: str | None = None, device: str | None = None,
+              templates: list[str] | None = None, limit_per_class: int | None = None, batch_size: int = 32,
+              shard_rows: int = 1024, tokens: bool = False, resume: bool = True) -> dict:
+    """Decompose a labelled image set into a chunked on-disk store (spec A3).
+
+    Args:
+        backbone: open_clip ViT name (e.g. ViT-B-16, tiny-vit-world)
+        data: 'world[:N[:SEED]]' or a ROOT/<class>/<image> folder
+        out: store folder (heads/mlps/cls_attn shards, classifier.pt, meta.json)
+        pretrained: open_clip tag, local weights file or shipped tag
+        device: cpu / cuda (default: cuda when available)
+        templates: prompts with {} (default: the world ensemble / the 80 OpenAI templates)
+        limit_per_class: at most this many images per class
+        batch_size: images per forward
+        shard_rows: images per on-disk shard
+        tokens: also store per-token [L, N, D] terms (large)
+        resume: continue an interrupted store (false: overwrite)
+    """
+    from xclip.analysis.datasets import CLASS_FOLDER_LAYOUT, load_classification
     from xclip.analysis.decomposition import decompose_to_store
+    from xclip.utils.io import check_writable_dir
 
-    backbone = _build(args)
-    data = load_classification(args.data, backbone, _templates(args.templates), args.limit_per_class)
-    return decompose_to_store(backbone, data, args.out, batch_size=args.batch_size, shard_rows=args.shard_rows,
-                              tokens=args.tokens, resume=not args.no_resume)
+    _check_templates(templates)
+    _check_source(data, "--data", CLASS_FOLDER_LAYOUT)
+    check_writable_dir(out, "--out")
+    bb = _build(backbone, pretrained, device)
+    ds = load_classification(data, bb, templates, limit_per_class)
+    return decompose_to_store(bb, ds, out, batch_size=batch_size, shard_rows=shard_rows, tokens=tokens,
+                              resume=resume)
 
 
-def cmd_ablate(args) -> dict:
+def ablate(store: str, keep_last: list[int] | None = None, heads: str | None = None,
+           layers: list[int] | None = None, mlps: bool = False, out: str | None = None) -> dict:
+    """Mean-ablation accuracies from a store (spec A4).
+
+    Args:
+        store: a folder written by `decompose`
+        keep_last: report 'all layers but the last k' for each k (default [4])
+        heads: custom ablation: heads 'LAYER:HEAD ...' (0-indexed; quote it in YAML)
+        layers: custom ablation: whole layers
+        mlps: custom ablation: also the MLP/embedding terms
+        out: JSON results file
+    """
     import torch
 
     from xclip.analysis.ablation import AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads, \
         zero_shot_accuracy
     from xclip.analysis.decomposition import load_store
 
-    st = load_store(args.store)
+    meta = _store_meta(store)
+    keep_last = [4] if keep_last is None else keep_last
+    spec = AblationSpec(layers=layers or [], heads=parse_heads(heads or ""), mlps=mlps)
+    check_heads(spec.heads, meta["layers"], meta["heads"], f"--heads {heads!r}", "give heads within range")
+    bad = [v for v in [*spec.layers, *keep_last] if not 0 <= v <= meta["layers"]]
+    if bad:
+        raise ValueError(f"--layers / --keep_last {bad}: the store has {meta['layers']} layers")
+    _check_out(out)
+    st = load_store(store)
     labels = torch.from_numpy(st["labels"][:])
     res = ablation_table(st["heads"], st["mlps"], st["classifier"], labels, cls_attn=st.get("cls_attn"),
-                         keep_last=args.keep_last)
-    if args.heads or args.layers:
-        spec = AblationSpec(layers=args.layers or [], heads=parse_heads(args.heads or ""), mlps=args.mlps)
+                         keep_last=keep_last)
+    if heads or layers:
         means = dataset_means(st["heads"], st["mlps"])
         res["custom"] = {"spec": {"layers": spec.layers, "heads": spec.heads, "mlps": spec.mlps},
                          "accuracy": zero_shot_accuracy(ablated_embeddings(st["heads"], st["mlps"], spec, means),
                                                         st["classifier"], labels)}
-    _write(res, args.out)
+    _write(res, out)
     return res
 
 
-def cmd_textspan(args) -> dict:
+def textspan(store: str, backbone: str, pool: str, out: str, pretrained: str | None = None,
+             device: str | None = None, texts_per_head: int = 20, last_layers: int = 4, rank: int = 80,
+             accuracy: bool = True) -> dict:
+    """TEXTSPAN text bases per head (spec A5).
+
+    Args:
+        store: a folder written by `decompose`
+        backbone: open_clip ViT name (the store's)
+        pool: text pool file, one description a line
+        out: output stem: STEM.json, STEM.md, STEM.summary.json
+        pretrained: open_clip tag, local weights file or shipped tag
+        device: cpu / cuda (default: cuda when available)
+        texts_per_head: m (README: 20; the script's default 10)
+        last_layers: heads of the last k layers (README: 4)
+        rank: the anchor's --w_ov_rank: texts projected onto the head's top-r span
+        accuracy: also the replaced-heads accuracy check
+    """
     import torch
 
     from xclip.analysis.ablation import AblationSpec, ablated_embeddings, dataset_means, layers_before_last, \
@@ -103,21 +182,26 @@ def cmd_textspan(args) -> dict:
     from xclip.analysis.decomposition import load_store
     from xclip.analysis.store import to_tensor
     from xclip.analysis.textspan import encode_text_pool, load_text_pool, run_textspan_heads, write_head_texts
+    from xclip.utils.io import atomic_write_json
 
-    st = load_store(args.store)
-    pool = load_text_pool(args.pool)
-    backbone = _build(args)
-    if backbone.spec() != st["meta"]["backbone"]:
-        log.warning("backbone %s differs from the store's %s", backbone.spec(), st["meta"]["backbone"])
-    texts = encode_text_pool(backbone, pool)
-    L = st["meta"]["layers"]
-    layers = list(range(L - args.last_layers, L))
-    res = run_textspan_heads(st["heads"], texts, pool, layers, m=args.texts_per_head, rank=args.rank)
-    out = Path(args.out)
-    write_head_texts(res, out.with_suffix(".json"), out.with_suffix(".md"))
+    meta = _store_meta(store)
+    L = meta["layers"]
+    if not 1 <= last_layers <= L:
+        raise ValueError(f"--last_layers {last_layers}: the store has {L} layers")
+    texts_pool = load_text_pool(pool)
+    stem = Path(out)
+    _check_out(str(stem.with_suffix(".summary.json")), "--out")
+    st = load_store(store)
+    bb = _build(backbone, pretrained, device)
+    if bb.spec() != meta["backbone"]:
+        log.warning("backbone %s differs from the store's %s", bb.spec(), meta["backbone"])
+    texts = encode_text_pool(bb, texts_pool)
+    layers = list(range(L - last_layers, L))
+    res = run_textspan_heads(st["heads"], texts, texts_pool, layers, m=texts_per_head, rank=rank)
+    write_head_texts(res, stem.with_suffix(".json"), stem.with_suffix(".md"))
     summary = {"heads": len(res), "unique_texts": len({t for v in res.values() for t in v["texts"]}),
-               "texts_per_head": args.texts_per_head, "rank": args.rank, "layers": layers}
-    if not args.no_accuracy:
+               "texts_per_head": texts_per_head, "rank": rank, "layers": layers}
+    if accuracy:
         # the anchor's driver: heads below the last layers mean-ablated, last-layer heads replaced by their
         # TEXTSPAN reconstructions; MLPs kept
         heads = to_tensor(st["heads"])                                           # [K, L, H, D] (in memory)
@@ -127,44 +211,62 @@ def cmd_textspan(args) -> dict:
         summary["baseline_accuracy"] = zero_shot_accuracy(base, st["classifier"], labels)
         for v in res.values():
             heads[:, v["layer"], v["head"]] = v["reconstruction"]
-        spec = AblationSpec(layers=layers_before_last(L, args.last_layers))
+        spec = AblationSpec(layers=layers_before_last(L, last_layers))
         emb = ablated_embeddings(heads, st["mlps"], spec, means)
         summary["textspan_accuracy"] = zero_shot_accuracy(emb, st["classifier"], labels)
-    from xclip.utils.io import atomic_write_json
-
-    atomic_write_json(summary, out.with_suffix(".summary.json"))
+    atomic_write_json(summary, stem.with_suffix(".summary.json"))
     _write(summary, None)
     return {"summary": summary, "heads": res}
 
 
-def cmd_segment(args) -> dict:
+def segment(backbone: str, data: str, pretrained: str | None = None, device: str | None = None,
+            classes: str | None = None, templates: list[str] | None = None, limit: int | None = None,
+            batch_size: int = 8, out: str | None = None) -> dict:
+    """Zero-shot segmentation from per-token contributions (spec A6.2).
+
+    Args:
+        backbone: open_clip ViT name
+        data: 'world[:N[:SEED]]' or a folder ROOT/images + ROOT/masks
+        pretrained: open_clip tag, local weights file or shipped tag
+        device: cpu / cuda (default: cuda when available)
+        classes: class-name file for folders, one a line (default: ImageNet's 1000)
+        templates: prompts with {} (default: the 80 OpenAI templates)
+        limit: at most this many images
+        batch_size: images per forward
+        out: JSON results file
+    """
     import torch
 
-    from xclip.analysis.datasets import build_classifier, load_segmentation, prompts_for
+    from xclip.analysis.datasets import SEG_FOLDER_LAYOUT, build_classifier, load_segmentation, prompts_for
     from xclip.analysis.decomposition import decompose_images
     from xclip.analysis.segmentation import SegmentationMetrics, class_heatmaps
 
-    backbone = _build(args)
-    data = load_segmentation(args.data, backbone)
-    if args.data.startswith("world"):
+    _check_templates(templates)
+    _check_source(data, "--data", SEG_FOLDER_LAYOUT, need=("images", "masks"))
+    if classes and not Path(classes).is_file():
+        raise FileNotFoundError(f"--classes {classes}: no such file (one class name a line)")
+    _check_out(out)
+    bb = _build(backbone, pretrained, device)
+    ds = load_segmentation(data, bb)
+    if data.startswith("world"):
         from xclip.datamodules.synthetic_world import SHAPES, class_prompts
 
         prompts = [class_prompts(s) for s in SHAPES]
     else:
-        if args.classes:
-            names = [ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()]
+        if classes:
+            names = [ln.strip() for ln in Path(classes).read_text().splitlines() if ln.strip()]
         else:
             from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
             names = list(IMAGENET_CLASSNAMES)
-        prompts = prompts_for(names, _templates(args.templates))
-    classifier = build_classifier(backbone, prompts).to(backbone.device)    # [D, C]
+        prompts = prompts_for(names, templates)
+    classifier = build_classifier(bb, prompts).to(bb.device)    # [D, C]
     metric = SegmentationMetrics()
-    visual = backbone.model.visual
-    n = min(len(data), args.limit) if args.limit else len(data)
-    for a in range(0, n, args.batch_size):
-        items = [data.load(i) for i in range(a, min(n, a + args.batch_size))]
-        images = torch.stack([x for x, _ in items]).to(backbone.device)
+    visual = bb.model.visual
+    n = min(len(ds), limit) if limit else len(ds)
+    for a in range(0, n, batch_size):
+        items = [ds.load(i) for i in range(a, min(n, a + batch_size))]
+        images = torch.stack([x for x, _ in items]).to(bb.device)
         masks = torch.stack([m for _, m in items])
         dec = decompose_images(visual, images)
         cls = (dec.embedding @ classifier).argmax(1)                           # predicted class (paper protocol)
@@ -172,105 +274,102 @@ def cmd_segment(args) -> dict:
         metric.update(maps.cpu(), masks)
     res = {k: float(v) for k, v in metric.compute().items()}
     res["images"] = n
-    _write(res, args.out)
+    _write(res, out)
     return res
 
 
-def cmd_spurious(args) -> dict:
+def spurious(backbone: str, waterbirds: str, out_store: str, pretrained: str | None = None,
+             device: str | None = None, split: Literal["train", "val", "test"] = "test", heads: str | None = None,
+             paper_heads: PaperHeads | None = None, keep_last: int | None = 4, ablate_mlps: bool = True,
+             random_trials: int = 5, templates: list[str] | None = None, limit: int | None = None,
+             batch_size: int = 32, out: str | None = None) -> dict:
+    """Worst-group accuracy with named heads mean-ablated (spec A6.1).
+
+    Args:
+        backbone: open_clip ViT name
+        waterbirds: folder with metadata.csv and the images
+        out_store: store folder for the decomposition (resumable)
+        pretrained: open_clip tag, local weights file or shipped tag
+        device: cpu / cuda (default: cuda when available)
+        split: Waterbirds split
+        heads: heads 'LAYER:HEAD ...' (0-indexed; quote it in YAML)
+        paper_heads: the paper's head list of that model instead of heads
+        keep_last: also ablate attention layers before the last k (anchor parity; null: not)
+        ablate_mlps: also mean-ablate the MLP/embedding terms (anchor parity)
+        random_trials: random head sets of the same size, for comparison
+        templates: prompts with {} (default: the 80 OpenAI templates)
+        limit: at most this many images
+        batch_size: images per forward
+        out: JSON results file
+    """
     import torch
 
     from xclip.analysis.ablation import parse_heads
-    from xclip.analysis.decomposition import decompose_to_store, load_store
+    from xclip.analysis.decomposition import decompose_to_store, load_store, num_layers_heads
     from xclip.analysis.spurious import PAPER_HEADS, load_waterbirds, spurious_report
+    from xclip.utils.io import check_writable_dir
 
-    if args.paper_heads:
-        heads = PAPER_HEADS[args.paper_heads]
-    elif args.heads:
-        heads = parse_heads(args.heads)
-    else:
-        raise SystemExit("spurious: give --heads 'L:H ...' or --paper-heads {ViT-B-16,ViT-L-14,ViT-H-14}")
-    backbone = _build(args)
-    data = load_waterbirds(args.waterbirds, backbone, split=args.split, templates=_templates(args.templates),
-                           limit=args.limit)
-    decompose_to_store(backbone, data, args.out_store, batch_size=args.batch_size)
-    st = load_store(args.out_store)
+    if paper_heads and heads:
+        raise ValueError("give --heads or --paper_heads, not both")
+    if not (paper_heads or heads):
+        raise ValueError(f"give --heads 'L:H ...' or --paper_heads {{{','.join(PAPER_HEADS)}}}")
+    head_list = PAPER_HEADS[paper_heads] if paper_heads else parse_heads(heads)
+    _check_templates(templates)
+    if not (Path(waterbirds) / "metadata.csv").is_file():
+        raise FileNotFoundError(f"--waterbirds {waterbirds}: no metadata.csv (expected ROOT/metadata.csv with "
+                                f"columns img_filename,y,split,place and the images under ROOT)")
+    check_writable_dir(out_store, "--out_store")
+    _check_out(out)
+    bb = _build(backbone, pretrained, device)
+    L, H = num_layers_heads(bb.model.visual)
+    what = f"--paper_heads {paper_heads}" if paper_heads else f"--heads {heads!r}"
+    fix = (f"use --backbone {paper_heads}, or --heads 'L:H ...' within range" if paper_heads
+           else "give heads within range")
+    check_heads(head_list, L, H, what, fix)
+    if keep_last is not None and not 0 <= keep_last <= L:
+        raise ValueError(f"--keep_last {keep_last}: the model has {L} layers")
+    data = load_waterbirds(waterbirds, bb, split=split, templates=templates, limit=limit)
+    decompose_to_store(bb, data, out_store, batch_size=batch_size)
+    st = load_store(out_store)
     res = spurious_report(st["heads"], st["mlps"], st["classifier"], torch.from_numpy(st["labels"][:]),
-                          torch.from_numpy(st["groups"][:]), heads, group_names=data.group_names,
-                          keep_last=None if args.keep_last < 0 else args.keep_last,
-                          ablate_mlps=not args.keep_mlps, random_trials=args.random_trials)
-    _write(res, args.out)
+                          torch.from_numpy(st["groups"][:]), head_list, group_names=data.group_names,
+                          keep_last=keep_last, ablate_mlps=ablate_mlps, random_trials=random_trials)
+    _write(res, out)
     return res
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+COMMANDS: dict[str, Callable[..., dict]] = {"decompose": decompose, "ablate": ablate, "textspan": textspan,
+                                            "segment": segment, "spurious": spurious}
 
-    d = sub.add_parser("decompose", help="decompose a labelled image set into a chunked on-disk store")
-    _backbone_args(d)
-    d.add_argument("--data", required=True, help="'world[:N[:SEED]]' or ROOT/<class>/<image> folder")
-    d.add_argument("--out", required=True, help="store folder")
-    d.add_argument("--templates", default=None, help="'|'-separated prompts with {} (default: 80 OpenAI templates)")
-    d.add_argument("--limit-per-class", type=int, default=None)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--shard-rows", type=int, default=1024, help="images per on-disk shard")
-    d.add_argument("--tokens", action="store_true", help="also store per-token [L, N, D] terms (large)")
-    d.add_argument("--no-resume", action="store_true", help="overwrite instead of resuming")
-    d.set_defaults(func=cmd_decompose)
 
-    a = sub.add_parser("ablate", help="mean-ablation accuracies from a store (spec A4)")
-    a.add_argument("--store", required=True)
-    a.add_argument("--keep-last", type=int, nargs="*", default=[4], help="report 'all layers but the last k'")
-    a.add_argument("--heads", default=None, help="custom ablation: 'L:H L:H ...'")
-    a.add_argument("--layers", type=int, nargs="*", default=None, help="custom ablation: whole layers")
-    a.add_argument("--mlps", action="store_true", help="custom ablation: also the MLP/embedding terms")
-    a.add_argument("--out", default=None, help="JSON results")
-    a.set_defaults(func=cmd_ablate)
-
-    t = sub.add_parser("textspan", help="TEXTSPAN text bases per head (spec A5)")
-    t.add_argument("--store", required=True)
-    _backbone_args(t)
-    t.add_argument("--pool", required=True, help="text pool file, one description a line")
-    t.add_argument("--texts-per-head", type=int, default=20, help="m (README: 20; script default 10)")
-    t.add_argument("--last-layers", type=int, default=4, help="heads of the last k layers (README: 4)")
-    t.add_argument("--rank", type=int, default=80, help="--w_ov_rank: texts projected onto the head's top-r span")
-    t.add_argument("--no-accuracy", action="store_true", help="skip the replaced-heads accuracy check")
-    t.add_argument("--out", required=True, help="output stem: STEM.json, STEM.md, STEM.summary.json")
-    t.set_defaults(func=cmd_textspan)
-
-    s = sub.add_parser("segment", help="zero-shot segmentation from per-token contributions (spec A6.2)")
-    _backbone_args(s)
-    s.add_argument("--data", required=True, help="'world[:N[:SEED]]' or ROOT/images + ROOT/masks")
-    s.add_argument("--classes", default=None, help="class-name file for folders (default: ImageNet's 1000)")
-    s.add_argument("--templates", default=None)
-    s.add_argument("--limit", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--out", default=None)
-    s.set_defaults(func=cmd_segment)
-
-    w = sub.add_parser("spurious", help="worst-group accuracy with named heads mean-ablated (spec A6.1)")
-    _backbone_args(w)
-    w.add_argument("--waterbirds", required=True, help="folder with metadata.csv and the images")
-    w.add_argument("--split", default="test", choices=("train", "val", "test"))
-    w.add_argument("--heads", default=None, help="'L:H L:H ...' (0-indexed)")
-    w.add_argument("--paper-heads", default=None, choices=("ViT-B-16", "ViT-L-14", "ViT-H-14"))
-    w.add_argument("--keep-last", type=int, default=4, help="also ablate attention layers before the last k "
-                                                            "(anchor parity; -1 disables)")
-    w.add_argument("--keep-mlps", action="store_true", help="do not mean-ablate the MLP/embedding terms")
-    w.add_argument("--random-trials", type=int, default=5)
-    w.add_argument("--templates", default=None)
-    w.add_argument("--limit", type=int, default=None)
-    w.add_argument("--batch-size", type=int, default=32)
-    w.add_argument("--out-store", required=True, help="store folder for the decomposition (resumable)")
-    w.add_argument("--out", default=None)
-    w.set_defaults(func=cmd_spurious)
+def build_parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    p = ArgumentParser(prog="xclip analyze", description="TextSpan analyses of an open_clip ViT (docs/textspan.md).")
+    sub = p.add_subcommands(required=True, dest="subcommand")
+    for name, fn in COMMANDS.items():
+        sp = ArgumentParser(prog=f"xclip analyze {name}", description=fn.__doc__.split("\n")[0])
+        sp.add_argument("--config", action=ActionConfigFile, help=f"YAML config (repeatable): configs/analyze/"
+                                                                  f"{name}_*.yaml")
+        sp.add_function_arguments(fn, as_group=False)
+        sub.add_subcommand(name, sp, help=fn.__doc__.split("\n")[0])
     return p
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
+    from xclip.utils.io import check_config_files
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_files(argv)  # a bad --config file is named before jsonargparse reads it
+    cfg = build_parser().parse_args(argv)
+    name = cfg.subcommand
+    kwargs = cfg[name].as_dict()
+    kwargs.pop("config", None)
+    try:
+        return COMMANDS[name](**kwargs)
+    except (ValueError, FileNotFoundError) as e:   # bad input found before (or instead of) the long work
+        raise SystemExit(f"analyze {name}: {e}") from e
 
 
 if __name__ == "__main__":

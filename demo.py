@@ -1,103 +1,139 @@
-"""`make demo`: forget-to-spell on the built-in synthetic world, end to end on a CPU in a few minutes.
+"""`make demo` / `xclip demo`: forget-to-spell on the built-in synthetic world, end to end on a CPU in a few minutes.
 
-    python demo.py --out outputs/demo                       # shipped tiny CLIP (checkpoints/tiny_clip_world.pt)
-    python demo.py --out /tmp/d --pretrained none --fast    # random tiny-vit-world, tiny settings (smoke run)
+    xclip demo --out outputs/demo                               # shipped tiny CLIP (checkpoints/tiny_clip_world.pt)
+    xclip demo --out /tmp/d --pretrained none --fast true --wandb false   # random tiny-vit-world, tiny settings (smoke)
+    xclip demo --config configs/demo/smoke.yaml --out /tmp/d    # the same smoke run as a config
+    xclip demo --print_config                                   # the demo's settings (re-readable with --config)
 
-1. builds quintuples (x_i, y_i, x_t, y_t, x_it) from the world (objects, with real/nonsense words written on them),
-   caches their frozen-CLIP features (outputs/demo/cache);
-2. trains a forget-to-spell projection W (losses L1, L2, L6; Materzynska et al. 2022) through the same
-   LightningModule / Trainer path as `train.py fit --config configs/spelling/forget_to_spell_world.yaml`, logging
-   to W&B (offline without a key);
-3. evaluates zero-shot shape classification on clean objects and on the same objects with a WRONG shape name
+1. trains the packaged config configs/spelling/forget_to_spell_world.yaml through the same LightningCLI path as
+   `xclip train fit --config configs/spelling/forget_to_spell_world.yaml` (losses L1, L2, L6; Materzynska et al.
+   2022), with the demo's overrides (output folder, cache folder, logger, and the knobs below), logging to W&B
+   (offline without a key);
+2. evaluates zero-shot shape classification on clean objects and on the same objects with a WRONG shape name
    written on them (the world's typographic split), before and after W, plus word reading on the validation
-   quintuples; prints a table, writes results.json, a figure (results.png) and the checkpoint of W.
+   quintuples; prints a table, writes results.json, a figure (results.png) and the checkpoint of W into --out.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
+
+from xclip.utils.threads import configure_threads
+from xclip.utils.wandb_setup import log_images
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("demo")
 
+TRAIN_CONFIG = "spelling/forget_to_spell_world.yaml"   # under the package's configs/
+FAST = {"n_train": 256, "n_val": 128, "n_attack": 60, "epochs": 3}
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/demo", help="output folder (results.json, results.png, W checkpoint)")
-    p.add_argument("--backbone", default="tiny-vit-world")
-    p.add_argument("--pretrained", default="synthetic-world",
-                   help="'synthetic-world' = the shipped tiny CLIP; a weights file; 'none' = random init")
-    p.add_argument("--preset", default="forget_to_spell", help="loss preset (losses/contrastive.py PRESETS)")
-    p.add_argument("--k", type=int, default=64, help="projection dim (the world's CLIP has d=128)")
-    p.add_argument("--n-train", type=int, default=2000, help="training quintuples")
-    p.add_argument("--n-val", type=int, default=400, help="validation quintuples")
-    p.add_argument("--n-attack", type=int, default=400, help="objects in the typographic split (clean + attacked)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=3e-3,
-                   help="Adam lr (paper 1e-4 over ~10k steps/epoch; the demo has ~16 steps/epoch)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--reg", type=float, default=0.0, help="gamma of ||I - W W^T||_F")
-    p.add_argument("--scale", type=float, default=10.0,
-                   help="InfoNCE logit scale (paper/code: 1; 1 loses clean accuracy on the 20-class world)")
-    p.add_argument("--paper-negatives", action="store_true",
-                   help="keep same-class samples as negatives in L2/L6 (the released code; harmful with 20 classes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-wandb", action="store_true", help="CSV logger instead of W&B (offline)")
-    p.add_argument("--fast", action="store_true", help="tiny settings for a smoke run (~seconds of training)")
+
+def package_configs() -> Path:
+    """The configs/ folder shipped inside the installed package (found from any working directory)."""
+    import xclip
+
+    return Path(xclip.__file__).resolve().parent / "configs"
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from xclip.generate import HelpFormatter
+
+    p = ArgumentParser(prog="xclip demo", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML of these settings (repeatable)")
+    p.add_argument("--out", type=str, default="outputs/demo",
+                   help="output folder (results.json, results.png, W checkpoint, cache, logs)")
+    p.add_argument("--train_config", type=str | None, default=None,
+                   help=f"the LightningCLI config trained (default: the package's configs/{TRAIN_CONFIG})")
+    p.add_argument("--pretrained", type=str | None, default=None,
+                   help="override model.init_args.pretrained: a weights file, or 'none' = random init "
+                        "(default: the config's, the shipped tiny CLIP)")
+    p.add_argument("--preset", type=str | None, default=None,
+                   help="override model.init_args.preset (losses/contrastive.py PRESETS, e.g. forget_to_spell_signed)")
+    p.add_argument("--n_train", type=int | None, default=None, help="override data.init_args.n_train")
+    p.add_argument("--n_val", type=int | None, default=None, help="override data.init_args.n_val")
+    p.add_argument("--epochs", type=int | None, default=None, help="override trainer.max_epochs")
+    p.add_argument("--n_attack", type=int | None, default=None,
+                   help="objects in the typographic split (clean + attacked); default 400")
+    p.add_argument("--fast", type=bool, default=False,
+                   help=f"smoke-run sizes {FAST} for every knob not given explicitly")
+    p.add_argument("--wandb", type=bool, default=True, help="log to W&B (offline without a key); false: CSV logs")
+    p.add_argument("--train_overrides", type=list[str], default=[],
+                   help='further `xclip train` overrides, e.g. ["--model.init_args.k=32"]')
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 is fastest for these tiny matmuls on a busy CPU)")
-    args = p.parse_args(argv)
-    if args.fast:
-        args.n_train, args.n_val, args.n_attack, args.epochs = 256, 128, 60, 3
-    return args
+    return p
 
 
-def make_logger(args, out: Path):
-    if args.no_wandb:
-        from pytorch_lightning.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(out), name="logs")
-    from pytorch_lightning.loggers import WandbLogger
-
-    from xclip.utils.wandb_setup import ensure_wandb_mode
-
-    ensure_wandb_mode()
-    return WandbLogger(project="spelling-demo", save_dir=str(out), name=f"{args.preset}-k{args.k}",
-                       config=vars(args))
+def parse_args(argv: list[str] | None = None):
+    return build_parser().parse_args(argv)
 
 
-def world_datamodule(args, out: Path):
-    from xclip.datamodules.feature_cache import SpellingFeatureDataModule
+def _knob(args, name: str, default=None):
+    v = args[name]
+    if v is None and args.fast and name in FAST:
+        return FAST[name]
+    return default if v is None else v
 
-    return SpellingFeatureDataModule(
-        source="synthetic-world", n_train=args.n_train, n_val=args.n_val, seed=args.seed, canvas_size=64,
-        real_fraction=0.5, word_list="world", word_template="the word {}.", font_size=20,
-        cache_dir=str(out / "cache"), batch_size=args.batch_size, encode_batch_size=128, progress=True)
+
+def train_config_path(args) -> Path:
+    return Path(args.train_config) if args.train_config else package_configs() / TRAIN_CONFIG
+
+
+def train_argv(args) -> list[str]:
+    """The `xclip train` command line the demo runs: the config plus the demo's overrides."""
+    out = Path(args.out)
+    argv = ["fit", "--config", str(train_config_path(args)), f"--trainer.default_root_dir={out}",
+            f"--data.init_args.cache_dir={out / 'cache'}"]
+    if args.wandb:
+        argv.append(f"--trainer.logger.init_args.save_dir={out}")
+    else:
+        argv.append("--trainer.logger=" + json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                                      "init_args": {"save_dir": str(out), "name": "logs"}}))
+    if args.pretrained is not None:
+        none = str(args.pretrained).lower() in ("none", "null", "")
+        argv.append(f"--model.init_args.pretrained={'null' if none else args.pretrained}")
+    for name, key in (("preset", "model.init_args.preset"), ("n_train", "data.init_args.n_train"),
+                      ("n_val", "data.init_args.n_val"), ("epochs", "trainer.max_epochs")):
+        v = _knob(args, name)
+        if v is not None:
+            argv.append(f"--{key}={v}")
+    return argv + list(args.train_overrides)
+
+
+def check_inputs(args) -> None:
+    """The train config, the knobs and the output folder, before anything is built."""
+    from xclip.generation._cli import check_file, check_out_dir
+
+    check_file(train_config_path(args), "--train_config", "LightningCLI config")
+    for name in ("n_train", "n_val", "epochs", "n_attack", "threads"):
+        if args[name] is not None and args[name] < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {args[name]}")
+    check_out_dir(args.out)
 
 
 def typographic_eval(backbone, W, n: int, seed: int = 1234) -> dict:
     """Zero-shot shape accuracy (%) on clean / attacked world objects, raw CLIP vs projected by W."""
     import torch
 
-    from xclip.datamodules.feature_cache import encode_pils, encode_texts
+    from xclip.datamodules.feature_cache import encode_pils
     from xclip.datamodules.synthetic_world import class_prompts, typographic_split
     from xclip.lightning_modules.spelling import apply_projection
+    from xclip.models.zero_shot import prompt_classifier
 
     split = typographic_split(n=n, seed=seed, image_size=backbone.image_size)
     prompts = [class_prompts(c) for c in split.classnames]
-    txt = encode_texts(backbone, [p for ps in prompts for p in ps]).view(len(prompts), len(prompts[0]), -1)
     feats = {"clean": encode_pils(backbone, split.clean), "attacked": encode_pils(backbone, split.attacked)}
     labels = torch.tensor(split.labels)
     words = [split.classnames.index(w) for w in split.attack_words]
     out, preds = {}, {}
     for name, w in (("clip", None), ("projected", W)):
-        cls = torch.nn.functional.normalize(apply_projection(txt, w).mean(1), dim=-1)        # [C, k]
+        cls = prompt_classifier(backbone, prompts, lambda e: apply_projection(e, w)).float().cpu()   # [C, k]
         for kind, f in feats.items():
             pred = (apply_projection(f, w) @ cls.t()).argmax(1)
             out[f"{name}/{kind}_acc"] = 100.0 * (pred == labels).float().mean().item()
@@ -168,38 +204,32 @@ def print_table(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     args = parse_args(argv)
-    import pytorch_lightning as pl
+    check_inputs(args)
     import torch
 
-    from xclip.lightning_modules.spelling import SpellingProjection, evaluate_features
-    from xclip.utils.io import AtomicCheckpointIO, atomic_write_json
+    from xclip import train
+    from xclip.lightning_modules.spelling import evaluate_features
+    from xclip.generation._cli import write_json
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    pl.seed_everything(args.seed, verbose=False)
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    module = SpellingProjection(args.backbone, pretrained, k=args.k, preset=args.preset, reg=args.reg, lr=args.lr,
-                                scale=args.scale, class_aware_negatives=not args.paper_negatives)
-    dm = world_datamodule(args, out)
-    logger = make_logger(args, out)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
-                         default_root_dir=str(out), enable_checkpointing=False, num_sanity_val_steps=0,
-                         log_every_n_steps=5, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
-                         check_val_every_n_epoch=max(1, args.epochs // 5))
+    argv_train = train_argv(args)
+    log.info("training: xclip train %s", " ".join(argv_train))
     try:
-        trainer.fit(module, dm)
-        ckpt = out / f"{args.preset}.ckpt"
+        cli = train.main(argv_train)                       # the same LightningCLI path as `xclip train fit`
+        module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+        ckpt = out / f"{module.hparams.preset}.ckpt"
         trainer.save_checkpoint(ckpt)
         W = module.projection_matrix().detach().cpu()
         backbone = module.backbone
         t_train = time.time() - t0
-        res = {"backbone": backbone.spec(), "args": vars(args), "checkpoint": str(ckpt),
+        res = {"backbone": backbone.spec(), "args": args.as_dict(), "train_argv": argv_train, "checkpoint": str(ckpt),
                "val_clip": evaluate_features(dm.val_features, None),
                "val_projected": evaluate_features(dm.val_features, W)}
-        typo = typographic_eval(backbone, W, args.n_attack)
+        typo = typographic_eval(backbone, W, _knob(args, "n_attack", 400))
         res["typographic"] = typo["metrics"]
         m = res["typographic"]
         res["summary"] = {
@@ -210,13 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds_train": round(t_train, 1), "seconds_total": round(time.time() - t0, 1)}
         for lg in trainer.loggers:
             lg.log_metrics({f"demo/{k}": v for k, v in res["summary"].items()})
-        atomic_write_json(res, out / "results.json")
+        write_json(res, out / "results.json")
         make_figure(res, typo, out / "results.png")
+        log_images(trainer.loggers, "demo/results", [out / "results.png"], captions=["CLIP vs CLIP + W (demo figure)"])
         print_table(res)
         print(f"wrote {out / 'results.json'}, {out / 'results.png'}, {ckpt} "
               f"({res['summary']['seconds_total']:.0f} s)")
     finally:
-        if not args.no_wandb:
+        if args.wandb:
             import wandb
 
             wandb.finish()

@@ -15,8 +15,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from xclip.models.zero_shot import openai_imagenet_templates, prompt_classifier
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CLASS_FOLDER_LAYOUT = "ROOT/<class name>/<image>.{png,jpg,...} (one folder per class)"
@@ -46,15 +47,9 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def _openai_templates() -> list[str]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-
-
 def prompts_for(classnames: Sequence[str], templates: Sequence[str] | None = None) -> list[list[str]]:
     """Each class name in every template (default: the 80 OpenAI ImageNet templates, as the paper)."""
-    templates = list(templates) if templates else _openai_templates()
+    templates = list(templates) if templates else openai_imagenet_templates()
     return [[t.format(c) for t in templates] for c in classnames]
 
 
@@ -103,12 +98,9 @@ def load_classification(source: str, backbone, templates: Sequence[str] | None =
 
 @torch.no_grad()
 def build_classifier(backbone, class_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
-    """[D, C]: per class, mean of the L2-normalised prompt embeddings, renormalised (spec A3.4)."""
-    cols = []
-    for prompts in class_prompts:
-        e = backbone.encode_text(backbone.tokenize(list(prompts)), normalize=True).float()
-        cols.append(F.normalize(e.mean(0), dim=-1).cpu())
-    return torch.stack(cols, dim=1)
+    """[D, C] (the store's layout): per class, mean of the L2-normalised prompt embeddings, renormalised (spec A3.4;
+    models/zero_shot.py)."""
+    return prompt_classifier(backbone, class_prompts).float().cpu().t().contiguous()
 
 
 # ---- segmentation ------------------------------------------------------------------------------------------

@@ -301,16 +301,15 @@ def decompose_to_store(backbone, data, out_dir, batch_size: int = 32, shard_rows
 def load_store(out_dir) -> dict:
     """{"heads", "mlps", "cls_attn", "embedding", "labels", ("groups", "tokens") -> ShardedArray,
     "classifier": [D, C] tensor, "meta": dict}."""
-    import json
     from pathlib import Path
 
     from xclip.analysis.store import ShardedArray
-    from xclip.utils.io import safe_torch_load
+    from xclip.utils.io import read_json, safe_torch_load
 
     out_dir = Path(out_dir)
     if not (out_dir / "meta.json").is_file():
         raise FileNotFoundError(f"{out_dir} is not a decomposition store (no meta.json); run `analyze.py decompose`")
-    res: dict = {"meta": json.loads((out_dir / "meta.json").read_text()),
+    res: dict = {"meta": read_json(out_dir / "meta.json", "store meta"),
                  "classifier": safe_torch_load(out_dir / "classifier.pt", "classifier")}
     for k in (*STORE_ARRAYS, "groups", "tokens"):
         if (out_dir / f"{k}.json").is_file():

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchmetrics.classification import BinaryAccuracy, MulticlassJaccardIndex
+from torchmetrics.functional.classification import binary_average_precision
 
 
 # ---- maps ---------------------------------------------------------------------------------------------------
@@ -70,42 +72,13 @@ def foreground(maps: torch.Tensor) -> torch.Tensor:
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------
-def pixel_correct_total(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
-    """(correctly labelled pixels, all pixels) for binary masks of the same shape."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    return int((pred.bool() == target.bool()).sum()), int(target.numel())
-
-
-def intersection_union(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
-    """Per-class intersection and union pixel counts ([num_classes] each) for integer label maps."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    p, t = pred.long().flatten(), target.long().flatten()
-    inter = torch.bincount(t[p == t], minlength=num_classes)[:num_classes]
-    area_p = torch.bincount(p, minlength=num_classes)[:num_classes]
-    area_t = torch.bincount(t, minlength=num_classes)[:num_classes]
-    return inter, area_p + area_t - inter
-
-
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Step-wise AP = sum_n (R_n - R_{n-1}) P_n over distinct score thresholds (as sklearn's
-    average_precision_score). NaN when there are no positives."""
-    s, y = scores.flatten().double(), labels.flatten().double()
-    n_pos = float(y.sum())
-    if n_pos == 0:
+    """Step-wise AP = sum_n (R_n - R_{n-1}) P_n over distinct score thresholds (torchmetrics'
+    binary_average_precision, = sklearn's average_precision_score). NaN when there are no positives."""
+    y = labels.flatten().long()
+    if int(y.sum()) == 0:
         return float("nan")
-    order = torch.argsort(s, descending=True, stable=True)
-    s, y = s[order], y[order]
-    tps = torch.cumsum(y, 0)
-    # the last index of each run of equal scores is where a threshold takes effect
-    last = torch.ones_like(s, dtype=torch.bool)
-    last[:-1] = s[1:] != s[:-1]
-    tps, n_pred = tps[last], torch.nonzero(last).flatten().double() + 1
-    precision, recall = tps / n_pred, tps / n_pos
-    prev = torch.cat([recall.new_zeros(1), recall[:-1]])
-    return float(((recall - prev) * precision).sum())
+    return float(binary_average_precision(scores.flatten().double(), y))
 
 
 def two_channel_ap(heatmap: torch.Tensor, mask: torch.Tensor) -> float:
@@ -117,16 +90,15 @@ def two_channel_ap(heatmap: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 class SegmentationMetrics(Metric):
-    """Accumulates pixel accuracy, 2-class mIoU and mean per-image two-channel AP (DDP-reduced by sum)."""
+    """Pixel accuracy (torchmetrics BinaryAccuracy), 2-class mIoU (MulticlassJaccardIndex, macro over {background,
+    foreground}, accumulated over all pixels) and mean per-image two-channel AP (DDP-reduced by sum)."""
 
     full_state_update = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("inter", default=torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("union", default=torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")
+        self.pixel_acc = BinaryAccuracy()
+        self.jaccard = MulticlassJaccardIndex(num_classes=2, average="macro")
         self.add_state("ap_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("ap_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -134,13 +106,9 @@ class SegmentationMetrics(Metric):
         """heatmaps [B, h, w] in [0, 1]; masks [B, h, w] bool/0-1 ground-truth foreground."""
         if heatmaps.shape != masks.shape:
             raise ValueError(f"heatmaps {tuple(heatmaps.shape)} and masks {tuple(masks.shape)} differ in shape")
-        pred = foreground(heatmaps)
-        c, t = pixel_correct_total(pred, masks)
-        self.correct += c
-        self.total += t
-        i, u = intersection_union(pred.long(), masks.long(), 2)
-        self.inter += i.to(self.inter.device)
-        self.union += u.to(self.union.device)
+        pred, target = foreground(heatmaps).long().flatten(), masks.long().flatten()   # [B*h*w]
+        self.pixel_acc.update(pred, target)
+        self.jaccard.update(pred, target)
         for hm, mk in zip(heatmaps, masks):
             ap = two_channel_ap(hm, mk)
             if not math.isnan(ap):
@@ -148,7 +116,11 @@ class SegmentationMetrics(Metric):
                 self.ap_count += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
-        iou = self.inter.double() / self.union.double().clamp_min(1)
-        return {"pixel_acc": self.correct.double() / self.total.clamp_min(1),
-                "miou": iou.mean(),
+        return {"pixel_acc": self.pixel_acc.compute().double(),
+                "miou": self.jaccard.compute().double(),
                 "map": self.ap_sum / self.ap_count.clamp_min(1)}
+
+    def reset(self) -> None:
+        super().reset()
+        self.pixel_acc.reset()
+        self.jaccard.reset()

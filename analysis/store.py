@@ -14,14 +14,13 @@ one shard at a time, so memory stays bounded by a shard (writer) or by the slice
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from xclip.utils.io import atomic_write_bytes, atomic_write_json
+from xclip.utils.io import atomic_write_bytes, atomic_write_json, read_json, safe_np_load
 
 
 def _manifest_path(root: Path, name: str) -> Path:
@@ -41,7 +40,7 @@ class ShardedWriter:
         self.shards: list[dict] = []
         mpath = _manifest_path(self.root, name)
         if resume and mpath.is_file():
-            man = json.loads(mpath.read_text())
+            man = read_json(mpath, "store manifest")
             if tuple(man["item_shape"]) != self.item_shape or man["dtype"] != self.dtype.str:
                 raise ValueError(f"{mpath}: stored item_shape {man['item_shape']} / dtype {man['dtype']} do not "
                                  f"match the requested {list(self.item_shape)} / {self.dtype.str}")
@@ -104,7 +103,7 @@ class ShardedArray:
         if not mpath.is_file():
             raise FileNotFoundError(f"no stored array {name!r} in {self.root} (missing {mpath.name}); "
                                     f"run `analyze.py decompose` first")
-        man = json.loads(mpath.read_text())
+        man = read_json(mpath, "store manifest")
         if require_complete and not man.get("complete", False):
             raise RuntimeError(f"{mpath}: the array is incomplete (interrupted run?); resume `analyze.py decompose`")
         self.item_shape = tuple(man["item_shape"])
@@ -124,7 +123,7 @@ class ShardedArray:
         return int(self.offsets[-1])
 
     def shard(self, i: int) -> np.ndarray:
-        return np.load(self.files[i], mmap_mode="r", allow_pickle=False)
+        return safe_np_load(self.files[i], "store shard", mmap_mode="r")
 
     def iter_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, memory-mapped shard [rows, *item_shape]) for each shard, in order."""

@@ -21,10 +21,10 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from xclip.datamodules.quintuples import QuintupleDataset, StyleConfig, WordConfig, make_image_source
+from xclip.datamodules.resumable import ResumableLoader, is_distributed
 from xclip.datamodules.text_render import DEFAULT_WORD_LIST, TextStyle, draw_word
 from xclip.utils.io import atomic_torch_save, safe_torch_load
 
@@ -93,11 +93,9 @@ def encode_pils(backbone, images, batch_size: int = 64) -> torch.Tensor:
 def class_feature_matrices(backbone, dataset: QuintupleDataset) -> dict[str, torch.Tensor]:
     """class_text [C, d]: mean of each class's prompt embeddings, renormalised; class_word_image [C, d]: the
     class name rendered on a blank canvas (the image-to-image classifier of 5.2)."""
-    prompts = dataset.class_prompts()
-    flat = [p for ps in prompts for p in ps]
-    emb = encode_texts(backbone, flat)                                       # [sum P, d]
-    sizes = [len(ps) for ps in prompts]
-    class_text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in emb.split(sizes)])   # [C, d]
+    from xclip.models.zero_shot import prompt_classifier
+
+    class_text = prompt_classifier(backbone, dataset.class_prompts()).float().cpu()   # [C, d]
     canvas = max(dataset.canvas_size, 224)      # long class names fit; preprocess resizes to the model's input
     size = round(dataset.font_size * canvas / dataset.canvas_size)
     style = TextStyle(font=dataset.fonts[0], size=size, fill=tuple(dataset.style.colour))
@@ -181,16 +179,21 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     validation reads it)."""
 
     def __init__(self, train_features: dict[str, Any] | None = None, val_features: dict[str, Any] | None = None,
-                 batch_size: int = 128):
+                 batch_size: int = 128, shuffle_seed: int | None = None):
         super().__init__()
         self.batch_size = batch_size
+        self.shuffle_seed = shuffle_seed  # None: the run's seed_everything seed (datamodules/resumable.py)
         self.train_features = train_features
         self.val_features = val_features
         self.val_class_features = None if val_features is None else _class_feats(val_features)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(CachedQuintupleFeatures(self.train_features), batch_size=self.batch_size,
-                          shuffle=True, num_workers=0)
+        # The order is a function of (seed, epoch) only -- not of the global RNG, which computing the feature
+        # cache consumes (a cache hit and a miss gave different results) -- and resumes mid-epoch.
+        ds = CachedQuintupleFeatures(self.train_features)
+        if is_distributed(self):
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=0)
+        return ResumableLoader(ds, batch_size=self.batch_size, shuffle=True, seed=self.shuffle_seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(CachedQuintupleFeatures(self.val_features), batch_size=self.batch_size,

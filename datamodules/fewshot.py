@@ -11,13 +11,22 @@ Protocol (spec §2.3):
   from the train images not picked as shots (deviation: ImageNet's val==test would leak the test set).
 - Test: the full test split (an imagefolder's ``test/`` or, failing that, ``val/``; an HF dataset's
   ``test_split``).
-- The split is a JSON manifest ``{data_dir}/fewshot_splits/{dataset}/shot_{K}-seed_{S}.json`` holding the file
-  ids per class; it is written once (atomically) and reused. A manifest that does not match the dataset
-  (other classes, missing files, wrong labels) fails with an error naming the file.
+- ``fewshot_sampler``: ``xclip`` (default; one ``random.Random(seed)`` for train then val, classes in label order)
+  or ``dassl``: exactly CoOp's picks for the same seed, i.e. Dassl's ``generate_fewshot_dataset`` after
+  ``set_random_seed(S)``: the train items in the order the dataset lists them, grouped by label in order of first
+  appearance (``split_dataset_by_label``, a defaultdict), ``random.sample(items, K)`` per group (all of them when a
+  group has fewer), then the same RNG for ``min(K, 4)`` val shots per group of the val list.  CoOp's order is
+  that of its split file (``split_zhou_*.json``, see datamodules/coop_datasets.py); an image folder is listed
+  sorted here, which is CoOp's order only where ``os.listdir`` returns sorted names.
+- The split is a JSON manifest ``{data_dir}/fewshot_splits/{dataset}/shot_{K}-seed_{S}.json`` (``...-dassl.json``
+  for the dassl sampler) holding the file ids per class; it is written once (atomically) and reused. A manifest
+  that does not match the dataset (other classes, missing files, wrong labels, another sampler) fails with an
+  error naming the file.
 - Corrupt/unreadable images of the used splits are counted, reported with their paths, dropped, and the run
   fails when more than ``max_bad_fraction`` of a split is bad.
 
 Local image folders: ``ROOT/train/<class>/*.jpg``, ``ROOT/test/<class>/...`` and/or ``ROOT/val/<class>/...``.
+CoOp's dataset folders: ``coop:<Dataset>:<root>`` (e.g. ``coop:OxfordPets:/data``; datamodules/coop_datasets.py).
 HF datasets: ``hf:NAME`` or a bare hub name (e.g. ``hf:imagenet-1k``; offline only when cached) or ``hf:/local/dir``
 of data files (``train-*.parquet``...); the first Image and ClassLabel columns are used. A split without labels
 (imagenet-1k's ``test``) is never the test split, so ImageNet tests on ``validation``.
@@ -34,14 +43,15 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from xclip.utils.io import atomic_write_json
+from xclip.datamodules.resumable import ResumableLoader, is_distributed
+from xclip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MANIFEST_FORMAT = 1
+FewShotSampler = Literal["xclip", "dassl"]
 
 
 class FewShotDataError(ValueError):
@@ -172,6 +183,13 @@ class HFSource:
 def open_source(dataset: str, hf_config: str | None = None, cache_dir: str | None = None):
     """'imagefolder:/path' or an existing folder -> ImageFolderSource; 'hf:NAME' (a hub name or a local folder of
     HF data files, e.g. train-*.parquet) or any other name -> an HF `datasets` source."""
+    if dataset.startswith("coop:"):
+        from xclip.datamodules.coop_datasets import CoOpSplitSource
+
+        name, sep, root = dataset[len("coop:"):].partition(":")
+        if not sep:
+            raise FewShotDataError(f"{dataset!r}: write coop:<Dataset>:<root>, e.g. coop:OxfordPets:/data.")
+        return CoOpSplitSource(name, root)
     if dataset.startswith("imagefolder:"):
         return ImageFolderSource(dataset[len("imagefolder:"):])
     if dataset.startswith("hf:"):
@@ -210,8 +228,51 @@ def dataset_slug(dataset: str, hf_config: str | None = None) -> str:
     return f"{base}-{digest}"
 
 
-def sample_split(source, shots: int, seed: int, allow_fewer: bool = False, test_split: str | None = None) -> dict:
-    """CoOp few-shot sampling: per class `rng.sample(items, K)`; val = min(K, 4) per class."""
+def _groups_by_first_appearance(items: Sequence[Item]) -> dict[int, list[str]]:
+    """Dassl's ``split_dataset_by_label``: label -> ids in list order; labels in order of first appearance."""
+    out: dict[int, list[str]] = {}
+    for fid, y in items:
+        out.setdefault(y, []).append(fid)
+    return out
+
+
+def sample_split_dassl(source, shots: int, seed: int, allow_fewer: bool = False,
+                       test_split: str | None = None) -> dict:
+    """Dassl's ``generate_fewshot_dataset`` (train, K) then (val, min(K, 4)) after ``random.seed(seed)``; a
+    local ``random.Random(seed)`` draws the same numbers as the seeded global RNG."""
+    rng = random.Random(seed)
+    train_groups = _groups_by_first_appearance(source.items("train"))
+    short = [(source.class_keys[y], len(ids)) for y, ids in train_groups.items() if len(ids) < shots]
+    missing = [k for i, k in enumerate(source.class_keys) if i not in train_groups]
+    if (short or missing) and not allow_fewer:
+        raise FewShotDataError(f"shots={shots} is larger than classes {short[:5] or missing[:5]} (train images), "
+                               f"lower `shots` or set allow_fewer (Dassl then takes all of them).")
+    train = {k: [] for k in source.class_keys}
+    for y, ids in train_groups.items():
+        train[source.class_keys[y]] = sorted(rng.sample(ids, shots) if len(ids) >= shots else ids)
+    val_shots = min(shots, 4)
+    test = test_split_of(source, test_split)
+    val_split = next((s for s in ("val", "validation") if s in source.splits and s != test), None)
+    if val_split is None:  # not Dassl's (CoOp's ImageNet validates on its test set): held-out train images
+        val_split = "train"
+        picked = {f for ids in train.values() for f in ids}
+        val_items = [(f, y) for f, y in source.items("train") if f not in picked]
+    else:
+        val_items = source.items(val_split)
+    val = {k: [] for k in source.class_keys}
+    for y, ids in _groups_by_first_appearance(val_items).items():
+        val[source.class_keys[y]] = sorted(rng.sample(ids, val_shots) if len(ids) >= val_shots else ids)
+    return {"format": MANIFEST_FORMAT, "source": source.identity(), "shots": shots, "seed": seed,
+            "sampler": "dassl", "val_shots": val_shots, "val_split": val_split, "train": train, "val": val}
+
+
+def sample_split(source, shots: int, seed: int, allow_fewer: bool = False, test_split: str | None = None,
+                 sampler: FewShotSampler = "xclip") -> dict:
+    """CoOp few-shot sampling: per class `rng.sample(items, K)`; val = min(K, 4) per class (module doc)."""
+    if sampler == "dassl":
+        return sample_split_dassl(source, shots, seed, allow_fewer, test_split)
+    if sampler != "xclip":
+        raise FewShotDataError(f"fewshot_sampler={sampler!r}; expected 'xclip' or 'dassl'.")
     rng = random.Random(seed)
     by_class: dict[int, list[str]] = {i: [] for i in range(len(source.class_keys))}
     for fid, y in source.items("train"):
@@ -235,7 +296,12 @@ def sample_split(source, shots: int, seed: int, allow_fewer: bool = False, test_
     for y, ids in pool.items():
         val[source.class_keys[y]] = sorted(rng.sample(ids, min(val_shots, len(ids))))
     return {"format": MANIFEST_FORMAT, "source": source.identity(), "shots": shots, "seed": seed,
-            "val_shots": val_shots, "val_split": val_split, "train": train, "val": val}
+            "sampler": "xclip", "val_shots": val_shots, "val_split": val_split, "train": train, "val": val}
+
+
+def manifest_path(data_dir: str | Path, slug: str, shots: int, seed: int, sampler: str = "xclip") -> Path:
+    suffix = "" if sampler == "xclip" else f"-{sampler}"
+    return Path(data_dir) / "fewshot_splits" / slug / f"shot_{shots}-seed_{seed}{suffix}.json"
 
 
 def test_split_of(source, requested: str | None = None) -> str:
@@ -256,13 +322,15 @@ def test_split_of(source, requested: str | None = None) -> str:
     raise FewShotDataError(f"The dataset has no labelled test/val split to evaluate on (splits: {source.splits}).")
 
 
-def check_manifest(manifest: dict, source, path: Path, shots: int, seed: int) -> None:
+def check_manifest(manifest: dict, source, path: Path, shots: int, seed: int, sampler: str = "xclip") -> None:
     """Fail with a message naming ``path`` when the manifest does not describe this dataset/split."""
     def bad(msg: str):
         raise FewShotDataError(f"Split file {path} does not match the dataset: {msg}. Delete it to resample.")
 
     if manifest.get("format") != MANIFEST_FORMAT:
         bad(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+    if manifest.get("sampler", "xclip") != sampler:  # manifests written before the option are the xclip sampler's
+        bad(f"it was picked by sampler {manifest.get('sampler', 'xclip')!r}, expected {sampler!r}")
     if manifest.get("shots") != shots or manifest.get("seed") != seed:
         bad(f"it holds shots={manifest.get('shots')} seed={manifest.get('seed')}, expected shots={shots} seed={seed}")
     keys = manifest.get("source", {}).get("class_keys")
@@ -278,15 +346,15 @@ def check_manifest(manifest: dict, source, path: Path, shots: int, seed: int) ->
 
 
 def load_or_create_manifest(source, path: Path, shots: int, seed: int, allow_fewer: bool = False,
-                            test_split: str | None = None) -> dict:
+                            test_split: str | None = None, sampler: FewShotSampler = "xclip") -> dict:
     if path.is_file():
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise FewShotDataError(f"Split file {path} is not valid JSON ({e}); delete it to resample.") from e
-        check_manifest(manifest, source, path, shots, seed)
+            manifest = read_json(path, "Split file")
+        except ValueError as e:
+            raise FewShotDataError(f"{e}; delete it to resample.") from e
+        check_manifest(manifest, source, path, shots, seed, sampler)
         return manifest
-    manifest = sample_split(source, shots, seed, allow_fewer, test_split)
+    manifest = sample_split(source, shots, seed, allow_fewer, test_split, sampler)
     atomic_write_json(manifest, path)
     log.info("wrote few-shot split %s", path)
     return manifest
@@ -364,13 +432,13 @@ class FewShotData:
 
 def resolve_fewshot(dataset: str, shots: int, seed: int, data_dir: str = "data", classnames_file: str | None = None,
                     hf_config: str | None = None, test_split: str | None = None, allow_fewer: bool = False,
-                    cache_dir: str | None = None) -> FewShotData:
+                    cache_dir: str | None = None, sampler: FewShotSampler = "xclip") -> FewShotData:
     if shots < 1:
         raise FewShotDataError(f"shots must be >= 1, got {shots}.")
     source = open_source(dataset, hf_config, cache_dir)
     names = read_classnames(classnames_file, source.class_keys) if classnames_file else source.default_names
-    path = Path(data_dir) / "fewshot_splits" / dataset_slug(dataset, hf_config) / f"shot_{shots}-seed_{seed}.json"
-    manifest = load_or_create_manifest(source, path, shots, seed, allow_fewer, test_split)
+    path = manifest_path(data_dir, dataset_slug(dataset, hf_config), shots, seed, sampler)
+    manifest = load_or_create_manifest(source, path, shots, seed, allow_fewer, test_split, sampler)
     return FewShotData(source, manifest, names, test_split_of(source, test_split))
 
 
@@ -386,7 +454,8 @@ class FewShotDataModule(pl.LightningDataModule):
                  classnames_file: str | None = None, hf_config: str | None = None, test_split: str | None = None,
                  image_size: int = 224, batch_size: int = 32, test_batch_size: int = 100, num_workers: int = 4,
                  crop_scale_min: float = 0.08, allow_fewer: bool = False, check_images: bool = True,
-                 max_bad_fraction: float = 0.01, cache_dir: str | None = None):
+                 max_bad_fraction: float = 0.01, cache_dir: str | None = None,
+                 fewshot_sampler: FewShotSampler = "xclip"):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= max_bad_fraction <= 1.0:
@@ -400,7 +469,7 @@ class FewShotDataModule(pl.LightningDataModule):
         if self._data is None:
             h = self.hparams
             self._data = resolve_fewshot(h.dataset, h.shots, h.seed, h.data_dir, h.classnames_file, h.hf_config,
-                                         h.test_split, h.allow_fewer, h.cache_dir)
+                                         h.test_split, h.allow_fewer, h.cache_dir, h.fewshot_sampler)
         return self._data
 
     @property
@@ -434,7 +503,14 @@ class FewShotDataModule(pl.LightningDataModule):
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, True)
+        h = self.hparams
+        if is_distributed(self):
+            return self._loader(self.train_set, h.batch_size, True)
+        # Order from (seed, epoch), augmentation from a per-item seed: independent of the global RNG and of
+        # num_workers, and resumable mid-epoch (datamodules/resumable.py).
+        return ResumableLoader(self.train_set, batch_size=h.batch_size, shuffle=True, seed_items=True,
+                               drop_last=len(self.train_set) >= h.batch_size, num_workers=h.num_workers,
+                               persistent_workers=h.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.test_batch_size, False)

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from xclip.datamodules.resumable import ResumableLoader, is_distributed
 from xclip.utils.io import safe_torch_load
 
 
@@ -70,8 +71,13 @@ class LatentsDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = TensorDataset(train), TensorDataset(test)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.hparams.num_workers)
+        h = self.hparams
+        if is_distributed(self):
+            return DataLoader(self.train_set, batch_size=h.batch_size, shuffle=True, drop_last=True,
+                              num_workers=h.num_workers)
+        # (seed, epoch) order, independent of the global RNG, resumable mid-epoch (datamodules/resumable.py)
+        return ResumableLoader(self.train_set, batch_size=h.batch_size, shuffle=True, drop_last=True,
+                               num_workers=h.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.test_batch_size, shuffle=False,

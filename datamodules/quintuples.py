@@ -17,7 +17,6 @@ optional class-index JSON), or ``"hf:NAME"`` for a Hugging Face ``datasets`` dat
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.utils.data import Dataset
 
 from xclip.datamodules.text_render import (DEFAULT_WORD_LIST, TextStyle, draw_word, load_word_list, nonsense_word,
                                      resolve_fonts)
+from xclip.utils.io import read_json
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 SPLITS = ("train", "val", "test")
@@ -102,7 +102,7 @@ class ImageFolderSource:
 def _read_class_index(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"Class index file {path} not found.")
-    data = json.loads(path.read_text())
+    data = read_json(path, "Class index file")
     out = {}
     for k, v in data.items():
         if isinstance(v, (list, tuple)) and len(v) == 2:   # Keras: {"0": [wnid, name]}

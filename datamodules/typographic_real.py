@@ -11,7 +11,6 @@ An empty / missing attack label marks a clean photo.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Sequence
 from PIL import Image
 
 from xclip.datamodules.text_render import TextStyle, draw_word
+from xclip.utils.io import read_json
 
 EXPECTED_LAYOUT = ("ROOT/annotation.json or ROOT/annotations.json mapping image file name -> {\"true object\": ..., "
                    "\"typographic attack label\": ...}, with the images in ROOT/ or ROOT/images/ "
@@ -54,9 +54,9 @@ def load_typographic_real(root: str | Path) -> list[TypoSample]:
         raise FileNotFoundError(f"Typographic dataset folder {root} does not exist. Expected layout: {EXPECTED_LAYOUT}")
     ann_path = _find_annotation(root)
     try:
-        ann = json.loads(ann_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"Typographic dataset: {ann_path} is not valid JSON ({e})") from e
+        ann = read_json(ann_path, "annotation file")
+    except ValueError as e:
+        raise ValueError(f"Typographic dataset: {e}") from e
     if not isinstance(ann, dict) or not ann:
         raise ValueError(f"Typographic dataset: {ann_path} must be a non-empty JSON object. "
                          f"Expected layout: {EXPECTED_LAYOUT}")

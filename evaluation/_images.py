@@ -35,10 +35,32 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def parse_templates(spec: str) -> list[str]:
-    """'a photo of a {}.|a {}' -> ['a photo of a {}.', 'a {}']; each must contain '{}'."""
-    templates = [t for t in spec.split("|") if t]
+def check_templates(templates: Sequence[str], flag: str) -> list[str]:
+    """Prompt templates: at least one, each with '{}'; errors name the flag."""
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ValueError(f"template spec {spec!r}: every '|'-separated template must contain '{{}}' (bad: {bad})")
-    return templates
+        raise ValueError(f"{flag} {list(templates)!r}: give at least one template, each containing '{{}}' "
+                         f"(bad: {bad})")
+    return list(templates)
+
+
+def require(path: str | Path | None, flag: str, expected: str, kind: str = "file") -> Path:
+    """Check a suite input before any work: given, and an existing file / folder; errors name the flag and layout."""
+    if not path:
+        raise ValueError(f"give {flag} ({expected})")
+    p = Path(path).expanduser()
+    ok = p.is_file() if kind == "file" else p.is_dir()
+    if not ok:
+        raise FileNotFoundError(f"{flag} {p}: no such {kind}; expected {expected}")
+    return p
+
+
+def open_image(path: Path, suite: str) -> Image.Image:
+    """Open and fully decode an image; a corrupt or non-image file raises ValueError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{suite}: cannot read image {path} ({type(e).__name__}: {e}); replace or remove the "
+                         f"file") from None

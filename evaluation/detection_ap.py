@@ -7,19 +7,19 @@ Layout::
     DIR/annotations.json   {"img_000.png": [{"label": "dog", "box": [x0, y0, x1, y1]}, ...], ...}  (pixels)
     DIR/img_000.png ...
 
-Detections come from DETR (``--detection-ap-detector``: HF id or a local save_pretrained folder) or from a JSON
-file of precomputed ones (``--detection-ap-predictions``: {"img_000.png": [{"label", "box", "score"}, ...]}).
+Detections come from DETR (``--detection_ap.detector``: HF id or a local save_pretrained folder) or from a JSON
+file of precomputed ones (``--detection_ap.predictions``: {"img_000.png": [{"label", "box", "score"}, ...]}).
 """
 from __future__ import annotations
 
-import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-from PIL import Image
 
-from xclip.evaluation.common import read_json_file
+from xclip.evaluation._images import open_image, require
+from xclip.evaluation.common import RunContext, read_json_file
 
 
 NAME = "detection_ap"
@@ -28,16 +28,30 @@ LAYOUT = ("DIR/annotations.json = {\"<image file>\": [{\"label\": \"dog\", \"box
           "with the images in DIR")
 
 
-def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    parser.add_argument("--detection-ap-dir", default=None, help=f"generated images + boxes: {LAYOUT}")
-    parser.add_argument("--detection-ap-detector", default="facebook/detr-resnet-50",
-                        help="DETR: HF model id (from the HF cache offline) or a local save_pretrained folder")
-    parser.add_argument("--detection-ap-predictions", default=None,
-                        help="JSON of precomputed detections {image: [{label, box, score}]} instead of running DETR")
-    parser.add_argument("--detection-ap-threshold", type=float, default=0.5, help="DETR score threshold")
-    parser.add_argument("--detection-ap-label-map", default=None,
-                        help="JSON object mapping DETR label names to target class names, e.g. {\"motorcycle\": \"motorbike\"}")
-    parser.add_argument("--detection-ap-backend", default="faster_coco_eval", choices=("faster_coco_eval", "pycocotools"))
+@dataclass
+class Settings:
+    """Suite detection_ap."""
+    dir: str | None = None
+    """generated images + boxes: DIR/annotations.json = {"<image file>": [{"label", "box": [x0,y0,x1,y1]}]}"""
+    detector: str = "facebook/detr-resnet-50"
+    """DETR: HF model id (from the HF cache offline) or a local save_pretrained folder"""
+    predictions: str | None = None
+    """JSON of precomputed detections {image: [{label, box, score}]} instead of running DETR"""
+    threshold: float = 0.5
+    """DETR score threshold"""
+    label_map: dict[str, str] | None = None
+    """DETR label names -> target class names, e.g. {motorcycle: motorbike}"""
+    backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
+
+
+def check(s: Settings, ctx: RunContext | None = None) -> None:
+    root = require(s.dir, "--detection_ap.dir", LAYOUT, kind="folder")
+    ann_path = require(root / "annotations.json", "--detection_ap.dir", LAYOUT)
+    missing = [f for f in _read_json(ann_path, "annotation file") if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"detection_ap: images {missing[:5]} listed in {ann_path} are missing; expected {LAYOUT}")
+    if s.predictions:
+        require(s.predictions, "--detection_ap.predictions", "a JSON {image: [{label, box, score}, ...]}")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -60,24 +74,20 @@ def _boxes(path: Path, image: str, entries, index: dict[str, int] | None, scored
             "scores": torch.tensor(scores, dtype=torch.float32)}
 
 
-def run(model, args) -> dict:
+def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
     from xclip.metrics.detection import box_ap_metric, summarize_map
 
-    if not args.detection_ap_dir:
-        raise SystemExit(f"detection_ap: give --detection-ap-dir DIR ({LAYOUT})")
-    root = Path(args.detection_ap_dir)
+    check(s)
+    root = Path(s.dir)
     ann_path = root / "annotations.json"
     ann = _read_json(ann_path, "annotation file")
-    missing = [f for f in ann if not (root / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"detection_ap: images {missing[:5]} listed in {ann_path} are missing; expected {LAYOUT}")
     files = sorted(ann)
     targets = {f: _boxes(ann_path, f, ann[f], None, scored=False) for f in files}
     classes = sorted({l for t in targets.values() for l in t["labels"]})
     index = {c: i for i, c in enumerate(classes)}
 
-    if args.detection_ap_predictions:
-        pred_path = Path(args.detection_ap_predictions)
+    if s.predictions:
+        pred_path = Path(s.predictions)
         raw = _read_json(pred_path, "predictions file")
         preds = []
         for f in files:
@@ -88,12 +98,11 @@ def run(model, args) -> dict:
     else:
         from xclip.models.detr import DetrDetector
 
-        label_map = json.loads(args.detection_ap_label_map) if args.detection_ap_label_map else None
-        det = DetrDetector.from_pretrained(args.detection_ap_detector, classes, label_map,
-                                           threshold=args.detection_ap_threshold, device=args.device)
-        preds = det.detect([Image.open(root / f) for f in files])
-        source = args.detection_ap_detector
-    metric = box_ap_metric(args.detection_ap_backend, class_metrics=True)
+        det = DetrDetector.from_pretrained(s.detector, classes, s.label_map, threshold=s.threshold,
+                                           device=str(model.device))
+        preds = det.detect([open_image(root / f, "detection_ap") for f in files])
+        source = s.detector
+    metric = box_ap_metric(s.backend, class_metrics=True)
     metric.update(preds, [{"boxes": targets[f]["boxes"],
                            "labels": torch.tensor([index[l] for l in targets[f]["labels"]], dtype=torch.long)}
                           for f in files])

@@ -7,50 +7,69 @@ A projection / method of the EvalModel is not applied: the decomposition is of t
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from xclip.evaluation._images import check_templates
+from xclip.evaluation.common import RunContext
 
 NAME = "mean_ablation"
 HELP = "zero-shot accuracy with chosen layers/heads/MLPs mean-ablated (TextSpan decomposition)"
 
 
-def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    parser.add_argument("--mean-ablation-data", default="world:200",
-                        help="'world[:N[:SEED]]' (built-in world shapes) or ROOT/<class>/<image> folder")
-    parser.add_argument("--mean-ablation-templates", default=None,
-                        help="'|'-separated prompts with {} (default: world ensemble / 80 OpenAI templates)")
-    parser.add_argument("--mean-ablation-limit-per-class", type=int, default=None)
-    parser.add_argument("--mean-ablation-keep-last", type=int, nargs="*", default=[1, 2, 4],
-                        help="report accuracy with every attention layer but the last k mean-ablated")
-    parser.add_argument("--mean-ablation-layers", type=int, nargs="*", default=None, help="custom: whole layers")
-    parser.add_argument("--mean-ablation-heads", default=None, help="custom: 'L:H L:H ...' (0-indexed)")
-    parser.add_argument("--mean-ablation-mlps", action="store_true", help="custom: also MLP/embedding terms")
-    parser.add_argument("--mean-ablation-batch-size", type=int, default=64)
+@dataclass
+class Settings:
+    """Suite mean_ablation."""
+    data: str = "world:200"
+    """'world[:N[:SEED]]' (built-in world shapes) or a ROOT/<class>/<image> folder"""
+    templates: list[str] | None = None
+    """prompts with {} (default: the world ensemble / the 80 OpenAI templates)"""
+    limit_per_class: int | None = None
+    keep_last: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """report accuracy with every attention layer but the last k mean-ablated"""
+    layers: list[int] | None = None
+    """custom ablation: whole layers"""
+    heads: str | None = None
+    """custom ablation: heads 'LAYER:HEAD ...' (0-indexed), e.g. '11:6 10:2' (quote it in YAML)"""
+    mlps: bool = False
+    """custom ablation: also the MLP/embedding terms"""
+    batch_size: int = 64
 
 
-def run(model, args) -> dict:
+def check(s: Settings, ctx: RunContext | None = None) -> None:
+    from xclip.analysis.ablation import parse_heads
+    from xclip.analysis.datasets import CLASS_FOLDER_LAYOUT
+
+    if s.templates is not None:
+        check_templates(s.templates, "--mean_ablation.templates")
+    parse_heads(s.heads or "")
+    if not s.data.startswith("world") and not Path(s.data).is_dir():
+        raise FileNotFoundError(f"--mean_ablation.data {s.data}: no such folder; expected 'world[:N[:SEED]]' or "
+                                f"{CLASS_FOLDER_LAYOUT}")
+
+
+def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
     from xclip.analysis.ablation import (AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads,
                                    zero_shot_accuracy)
     from xclip.analysis.datasets import build_classifier, load_classification
     from xclip.analysis.decomposition import decompose_images
 
+    check(s)
     backbone = model.backbone
-    templates = [t for t in args.mean_ablation_templates.split("|") if t] if args.mean_ablation_templates else None
-    data = load_classification(args.mean_ablation_data, backbone, templates, args.mean_ablation_limit_per_class)
+    data = load_classification(s.data, backbone, s.templates, s.limit_per_class)
     classifier = build_classifier(backbone, data.class_prompts)                  # [D, C]
     heads, mlps, cls = [], [], []
-    for images in data.batches(args.mean_ablation_batch_size):
+    for images in data.batches(s.batch_size):
         dec = decompose_images(backbone.model.visual, images.to(backbone.device))
         heads.append(dec.heads.cpu())
         mlps.append(dec.mlps.cpu())
         cls.append(dec.cls_attn.cpu())
     heads, mlps, cls = torch.cat(heads), torch.cat(mlps), torch.cat(cls)         # [K, L, H, D] [K, L+1, D] [K, L, D]
-    res = ablation_table(heads, mlps, classifier, data.labels, cls_attn=cls,
-                         keep_last=args.mean_ablation_keep_last)
-    if args.mean_ablation_layers or args.mean_ablation_heads:
-        spec = AblationSpec(layers=args.mean_ablation_layers or [],
-                            heads=parse_heads(args.mean_ablation_heads or ""), mlps=args.mean_ablation_mlps)
+    res = ablation_table(heads, mlps, classifier, data.labels, cls_attn=cls, keep_last=list(s.keep_last))
+    if s.layers or s.heads:
+        spec = AblationSpec(layers=list(s.layers or []), heads=parse_heads(s.heads or ""), mlps=s.mlps)
         emb = ablated_embeddings(heads, mlps, spec, dataset_means(heads, mlps))
         res["custom"] = zero_shot_accuracy(emb, classifier, data.labels)
     curve = res["accumulated_layers"]

@@ -1,7 +1,7 @@
 """Explainability-vs-box evaluation of spatially conditioned generation (ntlb_coop.md 4.4, item 1):
 Otsu-binarised relevance maps against the conditioning regions -> mean precision, recall, F1 over pairs.
 
-Input file (``--saliency-prf-file``, written with torch.save; loaded with weights_only=True)::
+Input file (``--saliency_prf.file``, written with torch.save; loaded with weights_only=True)::
 
     {"maps":  FloatTensor [N, h, w]      relevance map of pair n (any scale; upsampled bilinearly to H x W),
      "boxes": FloatTensor [N, 4]         x0, y0, x1, y1 in output-image pixels          (or "masks")
@@ -11,11 +11,13 @@ Input file (``--saliency-prf-file``, written with torch.save; loaded with weight
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from xclip.evaluation._images import require
+from xclip.evaluation.common import RunContext
 
 NAME = "saliency_prf"
 HELP = "Otsu-binarised relevance maps vs conditioning boxes/masks: precision, recall, F1"
@@ -23,9 +25,17 @@ FORMAT = ("a torch.save'd dict with 'maps' [N,h,w] and either 'boxes' [N,4] (x0,
           "'image_size' [H,W]) or 'masks' [N,H,W] bool; optional 'texts' list[str]")
 
 
-def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    parser.add_argument("--saliency-prf-file", default=None, help=f"maps + regions: {FORMAT}")
-    parser.add_argument("--saliency-prf-nbins", type=int, default=256, help="Otsu histogram bins")
+@dataclass
+class Settings:
+    """Suite saliency_prf."""
+    file: str | None = None
+    """maps + regions: a torch.save'd dict with 'maps' [N,h,w] and 'boxes' [N,4] (+ 'image_size') or 'masks'"""
+    nbins: int = 256
+    """Otsu histogram bins"""
+
+
+def check(s: Settings, ctx: RunContext | None = None) -> None:
+    require(s.file, "--saliency_prf.file", FORMAT)
 
 
 def load_maps_and_masks(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
@@ -63,19 +73,18 @@ def load_maps_and_masks(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, l
     return maps, masks, list(texts) if texts is not None else None
 
 
-def run(model, args) -> dict:
+def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
     from xclip.metrics.saliency import OtsuPRF, mask_prf, otsu_binarize
 
-    if not args.saliency_prf_file:
-        raise SystemExit(f"saliency_prf: give --saliency-prf-file PATH ({FORMAT})")
-    maps, masks, texts = load_maps_and_masks(args.saliency_prf_file)
-    metric = OtsuPRF(nbins=args.saliency_prf_nbins)
+    check(s)
+    maps, masks, texts = load_maps_and_masks(s.file)
+    metric = OtsuPRF(nbins=s.nbins)
     metric.update(maps, masks)
     res = {k: float(v) for k, v in metric.compute().items()}
     res["n_pairs"] = len(maps)
     up = torch.nn.functional.interpolate(maps[:, None], size=masks.shape[-2:], mode="bilinear",
                                          align_corners=False)[:, 0] if maps.shape[-2:] != masks.shape[-2:] else maps
-    prf = mask_prf(otsu_binarize(up, args.saliency_prf_nbins), masks)  # [N, 3]
+    prf = mask_prf(otsu_binarize(up, s.nbins), masks)  # [N, 3]
     res["tables"] = {"pairs": {"columns": ["pair", "text", "precision", "recall", "f1"],
                                "data": [[i, texts[i] if texts else "", *map(float, prf[i])] for i in range(len(maps))]}}
     return res

@@ -5,31 +5,36 @@ steps), then:
 1. **saliency P/R/F1**: per (image, text_k, box_k) the last-layer CLIP image relevance (cosine score, not
    soft-binarised) is upsampled to the image, Otsu-binarised and compared with the box (``metrics.saliency.OtsuPRF``);
    ``mass_in_box`` is the share of the (clamped, normalised) relevance inside the box.
-2. **detection AP** (optional, ``--spatial-generation-detector``): the images + boxes are written in the
+2. **detection AP** (optional, ``--spatial_generation.detector``): the images + boxes are written in the
    ``detection_ap`` layout and that suite is run on them (DETR vs the conditioning boxes).
-3. **text in image** (optional, ``--spatial-generation-text-prompts``): plain VQGAN-CLIP images for those prompts,
+3. **text in image** (optional, ``--spatial_generation.text_prompts``): plain VQGAN-CLIP images for those prompts,
    generated with and without the spelling projection W of the evaluated model (``--projection``), scored by the
    ``text_in_image`` suite (tesseract); without W in the model only the ``no_W`` group is made.
 
 Prompt file (JSON): ``[{"regions": [{"text": "a red circle", "bbox": [left, top, width, height], "label": "circle"}]}]``
-with boxes in pixels of the generated image (``--spatial-generation-size``); ``"box": [x0, y0, x1, y1]`` also works.
+with boxes in pixels of the generated image (``--spatial_generation.size``); ``"box": [x0, y0, x1, y1]`` also works.
 Without a file a built-in set of synthetic-world layouts is used.
 
-    python evaluate.py --backbone tiny-vit-world --pretrained synthetic-world --suite spatial_generation \
-        --spatial-generation-steps 100 --spatial-generation-out runs/spatial_eval
+    xclip evaluate --backbone tiny-vit-world --pretrained synthetic-world --suite spatial_generation \
+        --spatial_generation.steps 100 --spatial_generation.out runs/spatial_eval
+
+Images, annotations and table.md go to ``--spatial_generation.out`` (default: ``spatial_generation/`` beside the
+results JSON).
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import replace
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from xclip.evaluation.common import read_json_file
+from xclip.evaluation._images import require
+from xclip.evaluation.common import RunContext, read_json_file
 
+log = logging.getLogger(__name__)
 NAME = "spatial_generation"
 HELP = ("VQGAN-CLIP spatial conditioning per method: saliency P/R/F1 + relevance mass in box, optional DETR AP, "
         "optional text-in-image rate with/without W")
@@ -41,27 +46,66 @@ DEFAULT_LAYOUTS: list[dict[str, Any]] = [
     {"regions": [{"text": "a yellow star", "bbox": [16, 16, 32, 32], "label": "star"},
                  {"text": "a purple heart", "bbox": [0, 0, 16, 16], "label": "heart"}]},
 ]
-DEFAULT_METHODS = "textual,similarity,similarity2,explainability"
+Method = Literal["plain", "textual", "similarity", "similarity2", "explainability"]   # generation.vqgan_clip.METHODS
 
 
-def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    a = parser.add_argument
-    a("--spatial-generation-prompts", default=None, help="JSON layouts (see module doc); default: built-in set")
-    a("--spatial-generation-methods", default=DEFAULT_METHODS, help="comma-separated generation methods")
-    a("--spatial-generation-vqgan-config", default="tiny", help="taming yaml, or 'tiny' (random tiny VQGAN)")
-    a("--spatial-generation-vqgan-ckpt", default=None, help="taming ckpt for --spatial-generation-vqgan-config")
-    a("--spatial-generation-size", type=int, default=64, help="generated image side (boxes are in these pixels)")
-    a("--spatial-generation-steps", type=int, default=100)
-    a("--spatial-generation-cutn", type=int, default=16)
-    a("--spatial-generation-lr", type=float, default=0.1)
-    a("--spatial-generation-spatial-loss", default="anchor", choices=("anchor", "dice", "iou"))
-    a("--spatial-generation-limit", type=int, default=None, help="use only the first N layouts")
-    a("--spatial-generation-out", default="runs/spatial_generation", help="images, annotations, table")
-    a("--spatial-generation-detector", default=None,
-      help="DETR (HF id / local folder) for AP; omitted: AP is not computed")
-    a("--spatial-generation-detector-threshold", type=float, default=0.5)
-    a("--spatial-generation-text-prompts", default=None,
-      help="'|'-separated prompts for the text-in-image rate (with / without W); omitted: skipped")
+@dataclass
+class Settings:
+    """Suite spatial_generation."""
+    prompts: str | None = None
+    """JSON layouts (see the module doc); default: a built-in set of world layouts"""
+    methods: list[Method] = field(default_factory=lambda: ["textual", "similarity", "similarity2", "explainability"])
+    """generation methods compared"""
+    vqgan_config: str = "tiny"
+    """taming yaml, or 'tiny' (a random tiny VQGAN)"""
+    vqgan_ckpt: str | None = None
+    """taming checkpoint for vqgan_config"""
+    size: int = 64
+    """generated image side (boxes are in these pixels)"""
+    steps: int = 100
+    cutn: int = 16
+    lr: float = 0.1
+    spatial_loss: Literal["anchor", "dice", "iou"] = "anchor"
+    limit: int | None = None
+    """use only the first N layouts"""
+    out: str | None = None
+    """folder for images, annotations and table.md (default: spatial_generation/ beside the results JSON)"""
+    detector: str | None = None
+    """DETR (HF id / local folder) for AP; omitted: AP is not computed"""
+    detector_threshold: float = 0.5
+    text_prompts: list[str] | None = None
+    """prompts for the text-in-image rate (with / without W); omitted: skipped"""
+
+
+def out_dir(s: Settings, ctx: RunContext | None) -> Path:
+    return Path(s.out) if s.out else (ctx or RunContext()).out_dir / "spatial_generation"
+
+
+def check(s: Settings, ctx: RunContext | None = None) -> None:
+    from xclip.utils.io import check_writable_dir
+
+    if s.steps < 1 or s.size < 1 or s.cutn < 1:
+        raise ValueError(f"--spatial_generation.steps, .size and .cutn must be >= 1 (got {s.steps}, {s.size}, "
+                         f"{s.cutn})")
+    load_layouts(s.prompts, s.size)
+    if s.vqgan_config != "tiny":
+        from xclip.models.vqgan import load_vqgan_config
+
+        require(s.vqgan_config, "--spatial_generation.vqgan_config", "a taming VQGAN yaml, or 'tiny'")
+        load_vqgan_config(s.vqgan_config)   # a bad yaml fails here, before any suite runs
+    elif s.vqgan_ckpt:
+        raise ValueError("--spatial_generation.vqgan_ckpt given without --spatial_generation.vqgan_config (the "
+                         "taming yaml)")
+    if s.vqgan_ckpt:
+        require(s.vqgan_ckpt, "--spatial_generation.vqgan_ckpt", "the taming checkpoint of vqgan_config")
+    check_writable_dir(out_dir(s, ctx), "--spatial_generation.out")
+    if s.text_prompts:
+        from xclip.metrics.text_in_image import require_tesseract
+
+        try:
+            require_tesseract()
+        except RuntimeError as e:
+            log.warning("spatial_generation: the text-in-image part will be skipped: %s", e)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,34 +164,34 @@ def mass_in_box(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (maps * masks.to(maps)).sum((-2, -1)) / total
 
 
-def run(model, args) -> dict:
+def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
     from xclip.generation.vqgan_clip import (METHODS, RegionPrompt, VQGANCLIPConfig, generate, load_vqgan_from_args,
                                        save_image)
     from xclip.losses.spatial import box_mask
     from xclip.metrics.saliency import OtsuPRF
     from xclip.utils.io import atomic_write_bytes, atomic_write_json
 
-    size = args.spatial_generation_size
-    methods = [m.strip() for m in args.spatial_generation_methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    check(s, ctx)
+    ctx = ctx or RunContext()
+    size = s.size
+    bad = [m for m in s.methods if m not in METHODS]
     if bad:
-        raise SystemExit(f"spatial_generation: unknown method(s) {bad}; valid: {METHODS}")
-    layouts = load_layouts(args.spatial_generation_prompts, size)[:args.spatial_generation_limit]
+        raise ValueError(f"spatial_generation: unknown method(s) {bad}; valid: {METHODS}")
+    layouts = load_layouts(s.prompts, size)[:s.limit]
     backbone = model.backbone
     device = str(backbone.device)
-    vqgan = load_vqgan_from_args(args.spatial_generation_vqgan_config, args.spatial_generation_vqgan_ckpt, device)
+    vqgan = load_vqgan_from_args(s.vqgan_config, s.vqgan_ckpt, device)
     f = vqgan.downsample_factor
     if size % f:
-        raise SystemExit(f"spatial_generation: --spatial-generation-size {size} must be a multiple of the VQGAN "
+        raise ValueError(f"spatial_generation: --spatial_generation.size {size} must be a multiple of the VQGAN "
                          f"factor {f}")
-    base = VQGANCLIPConfig(width=size, height=size, steps=args.spatial_generation_steps,
-                           cutn=args.spatial_generation_cutn, lr=args.spatial_generation_lr,
-                           spatial_loss=args.spatial_generation_spatial_loss, seed=args.seed)
-    out = Path(args.spatial_generation_out)
+    base = VQGANCLIPConfig(width=size, height=size, steps=s.steps, cutn=s.cutn, lr=s.lr,
+                           spatial_loss=s.spatial_loss, seed=ctx.seed)
+    out = out_dir(s, ctx)
     res: dict[str, Any] = {"n_layouts": len(layouts), "size": size, "steps": base.steps, "cutn": base.cutn,
-                           "vqgan": args.spatial_generation_vqgan_config, "methods": {}}
+                           "vqgan": s.vqgan_config, "methods": {}}
     rows = []
-    for method in methods:
+    for method in s.methods:
         mdir = out / method
         prf = OtsuPRF()
         masses, ann = [], {}
@@ -165,15 +209,11 @@ def run(model, args) -> dict:
         atomic_write_json(ann, mdir / "annotations.json")
         scores = {k: float(v) for k, v in prf.compute().items()}
         scores["mass_in_box"] = float(torch.cat(masses).mean())
-        if args.spatial_generation_detector:
+        if s.detector:
             from xclip.evaluation import detection_ap
 
-            ns = argparse.Namespace(detection_ap_dir=str(mdir), detection_ap_detector=args.spatial_generation_detector,
-                                    detection_ap_predictions=None,
-                                    detection_ap_threshold=args.spatial_generation_detector_threshold,
-                                    detection_ap_label_map=None, detection_ap_backend="faster_coco_eval",
-                                    device=device)
-            ap = detection_ap.run(model, ns)
+            ap = detection_ap.run(model, detection_ap.Settings(dir=str(mdir), detector=s.detector,
+                                                               threshold=s.detector_threshold))
             ap.pop("tables", None)
             scores.update({k: v for k, v in ap.items() if k in ("AP", "AP50", "AP75", "AR1", "AR10", "AR100")})
         res["methods"][method] = scores
@@ -185,19 +225,19 @@ def run(model, args) -> dict:
         for r in rows)
     atomic_write_bytes(out / "table.md", md.encode())
     res["table_md"] = str(out / "table.md")
-    if not args.spatial_generation_detector:
-        res["AP_skipped"] = "no --spatial-generation-detector given"
-    if args.spatial_generation_text_prompts:
-        res["text_in_image"] = _text_in_image(model, args, vqgan, base, out / "text_in_image")
+    if not s.detector:
+        res["AP_skipped"] = "no --spatial_generation.detector given"
+    if s.text_prompts:
+        res["text_in_image"] = _text_in_image(model, s.text_prompts, vqgan, base, out / "text_in_image")
     return res
 
 
-def _text_in_image(model, args, vqgan, base, out: Path) -> dict:
+def _text_in_image(model, prompts: Sequence[str], vqgan, base, out: Path) -> dict:
     """Plain VQGAN-CLIP images with and without the model's projection W, scored by the text_in_image suite."""
     from xclip.evaluation import text_in_image
     from xclip.generation.vqgan_clip import RegionPrompt, generate, save_image
 
-    prompts = [p.strip() for p in args.spatial_generation_text_prompts.split("|") if p.strip()]
+    prompts = [p.strip() for p in prompts if p.strip()]
     groups = {"no_W": None}
     if getattr(model, "projection", None) is not None:
         groups["W"] = model.projection
@@ -207,9 +247,7 @@ def _text_in_image(model, args, vqgan, base, out: Path) -> dict:
                            progress=False, projection=proj)
             save_image(gen.image, out / group / f"img_{i:03d}.png", comment=text)
     try:
-        ns = argparse.Namespace(text_in_image_dir=str(out), text_in_image_thresholds="0.0,0.25",
-                                text_in_image_psm=7, text_in_image_upscale_below=128, text_in_image_limit=None)
-        r = text_in_image.run(model, ns)
+        r = text_in_image.run(model, text_in_image.Settings(dir=str(out)))
     except RuntimeError as e:  # tesseract missing
         return {"skipped": str(e), "groups": list(groups)}
     r.pop("tables", None)

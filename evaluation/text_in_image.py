@@ -4,31 +4,52 @@ confidence above each threshold. The paper used easyocr (thresholds 0.0 and 0.25
 models evaluated here.
 
 Folder layout: DIR/*.png (group "all"), optionally DIR/<group>/*.png (e.g. real/ and fake/ word prompts): each
-sub-folder is reported separately and all images together under "all".
+sub-folder is reported separately and all images together under "all". An unreadable (corrupt) image is skipped
+with a warning, counted in ``n_unreadable`` and listed in ``unreadable``; the suite fails only when no image reads.
 """
 from __future__ import annotations
 
-import argparse
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from xclip.evaluation._images import IMAGE_EXTS, list_images
+from xclip.evaluation._images import IMAGE_EXTS, list_images, open_image, require
+from xclip.evaluation.common import RunContext
 
 NAME = "text_in_image"
 HELP = "rate of generated images in which tesseract OCR finds text (per confidence threshold and sub-folder)"
 LAYOUT = f"DIR/*{{{','.join(IMAGE_EXTS)}}} and/or DIR/<group>/<images> (one level of sub-folders)"
 
 
-def add_arguments(parser: argparse._ArgumentGroup) -> None:
-    parser.add_argument("--text-in-image-dir", default=None, help=f"folder of generated images: {LAYOUT}")
-    parser.add_argument("--text-in-image-thresholds", default="0.0,0.25",
-                        help="comma-separated confidence thresholds in [0, 1] (tesseract conf / 100)")
-    parser.add_argument("--text-in-image-psm", type=int, default=7, help="tesseract page segmentation mode")
-    parser.add_argument("--text-in-image-upscale-below", type=int, default=128,
-                        help="upscale 4x images whose short side is below this many px")
-    parser.add_argument("--text-in-image-limit", type=int, default=None, help="max images per group")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    """Suite text_in_image."""
+    dir: str | None = None
+    """folder of generated images: DIR/*.png and/or DIR/<group>/*.png (one level of sub-folders)"""
+    thresholds: list[float] = field(default_factory=lambda: [0.0, 0.25])
+    """confidence thresholds in [0, 1] (tesseract conf / 100)"""
+    psm: int = 7
+    """tesseract page segmentation mode"""
+    upscale_below: int = 128
+    """upscale 4x images whose short side is below this many px"""
+    limit: int | None = None
+    """max images per group"""
+
+
+def check(s: Settings, ctx: RunContext | None = None) -> None:
+    """Folder with images and the tesseract binary, before any suite runs."""
+    from xclip.metrics.text_in_image import require_tesseract
+
+    root = require(s.dir, "--text_in_image.dir", LAYOUT, kind="folder")
+    if not s.thresholds or any(not 0.0 <= t <= 1.0 for t in s.thresholds):
+        raise ValueError(f"--text_in_image.thresholds {s.thresholds}: give confidences in [0, 1]")
+    collect(root, s.limit)
+    require_tesseract()
 
 
 def collect(folder: Path, limit: int | None) -> dict[str, list[Path]]:
@@ -44,32 +65,51 @@ def collect(folder: Path, limit: int | None) -> dict[str, list[Path]]:
     return {k: v for k, v in groups.items() if v}
 
 
-def run(model, args) -> dict:
-    from xclip.metrics.text_in_image import TextDetectionRate, ocr_max_confidence, require_tesseract
+def _confidences(paths: list[Path], s: Settings, unreadable: list[str]) -> tuple[list[Path], torch.Tensor]:
+    """OCR each readable image -> (the paths read, max confidences [n]); unreadable files are appended to
+    ``unreadable`` (and skipped)."""
+    from xclip.metrics.text_in_image import ocr_max_confidence
 
-    if not args.text_in_image_dir:
-        raise SystemExit(f"text_in_image: give --text-in-image-dir DIR ({LAYOUT})")
-    require_tesseract()
-    try:
-        thresholds = [float(t) for t in args.text_in_image_thresholds.split(",") if t.strip()]
-    except ValueError as e:
-        raise SystemExit(f"text_in_image: bad --text-in-image-thresholds {args.text_in_image_thresholds!r}: {e}")
-    groups = collect(Path(args.text_in_image_dir), args.text_in_image_limit)
-    overall = TextDetectionRate(thresholds)
+    read, confs = [], []
+    for p in paths:
+        try:
+            image = open_image(p, "text_in_image")
+        except ValueError as e:
+            log.warning("%s (skipped)", e)
+            unreadable.append(str(p))
+            continue
+        read.append(p)
+        confs.append(ocr_max_confidence(image, psm=s.psm, upscale_below=s.upscale_below))
+    return read, torch.tensor(confs, dtype=torch.float32)
+
+
+def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
+    from xclip.metrics.text_in_image import TextDetectionRate
+
+    check(s)
+    root = Path(s.dir)
+    groups = collect(root, s.limit)
+    overall = TextDetectionRate(list(s.thresholds))
     res: dict = {}
-    rows = []
+    rows, unreadable = [], []
     for group, paths in groups.items():
-        confs = torch.tensor([ocr_max_confidence(Image.open(p), psm=args.text_in_image_psm,
-                                                 upscale_below=args.text_in_image_upscale_below) for p in paths])
+        paths, confs = _confidences(paths, s, unreadable)
+        if not paths:
+            continue
         overall.update(confs)
         if group:
-            m = TextDetectionRate(thresholds)
+            m = TextDetectionRate(list(s.thresholds))
             m.update(confs)
             res.update({f"{group}/{k}": float(v) for k, v in m.compute().items()})
             res[f"{group}/n"] = len(paths)
-        rows += [[str(p.relative_to(args.text_in_image_dir)), group or "all", float(c)] for p, c in zip(paths, confs)]
+        rows += [[str(p.relative_to(root)), group or "all", float(c)] for p, c in zip(paths, confs)]
+    if not rows:
+        raise ValueError(f"text_in_image: none of the images in {root} could be read (e.g. {unreadable[0]}); "
+                         f"expected {LAYOUT}")
     res.update({f"all/{k}": float(v) for k, v in overall.compute().items()})
     res["all/n"] = int(overall.total)
+    res["n_unreadable"] = len(unreadable)
+    res["unreadable"] = unreadable[:50]
     res["engine"] = "tesseract"
     res["tables"] = {"ocr": {"columns": ["image", "group", "max_confidence"], "data": rows}}
     return res

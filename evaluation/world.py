@@ -1,10 +1,12 @@
 """The built-in synthetic world: zero-shot shape accuracy clean vs. with a wrong class word written on the object
 (typographic attack), and word-image -> word-string retrieval (dictionary and nonsense words), on fixed seeded splits.
 
-    python evaluate.py --backbone tiny-vit-world --pretrained synthetic-world --suite world
+    xclip evaluate --config configs/evaluate/world.yaml      # = --backbone tiny-vit-world --pretrained synthetic-world
+                                                             #   --suite world
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 from PIL import Image
 
 from xclip.datamodules.synthetic_world import COLOURS, SHAPES, typographic_split, word_prompt, word_split
-from xclip.evaluation.common import EvalModel
+from xclip.evaluation.common import EvalModel, RunContext
+from xclip.models.zero_shot import zero_shot_logits
 
 NAME = "world"
 HELP = "synthetic world: clean vs. wrong-word (attacked) zero-shot accuracy, and word reading"
@@ -21,10 +24,20 @@ HELP = "synthetic world: clean vs. wrong-word (attacked) zero-shot accuracy, and
 TEMPLATES: tuple[str, ...] = tuple(f"a photo of a {c} {{}}." for c in COLOURS) + tuple(f"a {c} {{}}." for c in COLOURS)
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--world_n", type=int, default=400, help="objects in the typographic split")
-    parser.add_argument("--world_seed", type=int, default=1234, help="seed of the fixed splits")
-    parser.add_argument("--world_words", type=int, default=200, help="word images per retrieval split")
+@dataclass
+class Settings:
+    """Suite world."""
+    n: int = 400
+    """objects in the typographic split (each clean and attacked)"""
+    seed: int = 1234
+    """seed of the fixed splits"""
+    words: int = 200
+    """word images per retrieval split"""
+
+
+def check(s: Settings, ctx: RunContext | None = None) -> None:
+    if s.n < 1 or s.words < 2:
+        raise ValueError(f"--world.n must be >= 1 and --world.words >= 2 (got {s.n}, {s.words})")
 
 
 def images_to_tensor(model: EvalModel, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -42,8 +55,8 @@ def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234) -> dic
     cls = model.class_text_features(SHAPES, TEMPLATES)                      # [C, D]
     labels = torch.tensor(split.labels, device=model.device)
     attack = torch.tensor([SHAPES.index(w) for w in split.attack_words], device=model.device)
-    pred_clean = (model.encode_images(images_to_tensor(model, split.clean)) @ cls.t()).argmax(-1)
-    pred_att = (model.encode_images(images_to_tensor(model, split.attacked)) @ cls.t()).argmax(-1)
+    pred_clean = zero_shot_logits(model.encode_images(images_to_tensor(model, split.clean)), cls).argmax(-1)
+    pred_att = zero_shot_logits(model.encode_images(images_to_tensor(model, split.attacked)), cls).argmax(-1)
     clean = (pred_clean == labels).float().mean().item()
     attacked = (pred_att == labels).float().mean().item()
     return {"clean_acc": clean, "attacked_acc": attacked, "typographic_gap": clean - attacked,
@@ -60,14 +73,10 @@ def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool) -> 
     return (pred == torch.arange(len(words))).float().mean().item()
 
 
-def run(model: EvalModel, args) -> dict:
-    n = getattr(args, "world_n", 400)
-    seed = getattr(args, "world_seed", 1234)
-    n_words = getattr(args, "world_words", 200)
-    if n < 1 or n_words < 2:
-        raise ValueError(f"--world_n must be >= 1 and --world_words >= 2 (got {n}, {n_words}).")
-    out = typographic_metrics(model, n, seed)
-    out["word_top1_real"] = word_retrieval_top1(model, n_words, seed + 1, nonsense=False)
-    out["word_top1_nonsense"] = word_retrieval_top1(model, n_words, seed + 2, nonsense=True)
-    out["word_chance"] = 1.0 / n_words
+def run(model: EvalModel, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
+    check(s)
+    out = typographic_metrics(model, s.n, s.seed)
+    out["word_top1_real"] = word_retrieval_top1(model, s.words, s.seed + 1, nonsense=False)
+    out["word_top1_nonsense"] = word_retrieval_top1(model, s.words, s.seed + 2, nonsense=True)
+    out["word_chance"] = 1.0 / s.words
     return out

@@ -1,7 +1,8 @@
 """StyleCLIP global directions in StyleSpace (spec reference/styleclip_vqgan.md §4).
 
-    python generate.py styleclip-global --neutral "face" --target "smiling face" --alpha 4.1 --beta 0.15 \
-        --generator-checkpoint stylegan2-ffhq-config-f.pt --backbone ViT-B-32 --pretrained openai
+    xclip generate styleclip-global --neutral "face" --target "smiling face" --alpha 4.1 --beta 0.15 \
+        --generator.checkpoint stylegan2-ffhq-config-f.pt --backbone ViT-B-32 --pretrained openai
+    xclip generate styleclip-global --config configs/styleclip/global_smile.yaml --alpha -2 2
 
 1. ``style_statistics``: S mean/std per channel over ``n_samples`` W's (seed 5, psi 0.7, cutoff 8) and the
    first ``n_codes`` S codes.
@@ -13,23 +14,29 @@
 
 Deviation: the anchor's shallow ``copy.copy`` leaves each processed channel at its mean for all later channels;
 here every channel is measured on the unmodified codes (the defect is not reproduced).
+
+CLIP input (``preprocess``): ``torch`` (default) resizes the float render with torch's antialiased bicubic;
+``anchor`` is the anchor's exact path: the render rounded to uint8, a PIL image, CLIP's own preprocess (PIL bicubic
+resize of the short side, centre crop, mean/std).  The two differ by about 1.8 % in the channel relevance.
+No channel above beta: the anchor divides 0 by 0 (NaN styles); here the scores stay 0 (no edit) and the count
+printed is 0.  W+ truncation: the statistics use psi 0.7 on the first ``cutoff`` = 8 W+ rows (the anchor's GetCode);
+the random faces to edit (no ``--latent_path``) use psi 0.7 on all rows (StyleCLIP's initial latent).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from xclip.models.clip_backbone import ClipBackbone
 from xclip.models.stylegan2 import Generator
-from xclip.utils.io import atomic_torch_save, safe_torch_load
+from xclip.utils.io import atomic_torch_save, load_torch_dict
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +100,35 @@ def relevance_layers(generator: Generator, max_resolution: int = 128) -> list[in
     return [j for j, r in enumerate(generator.s_resolutions()) if j not in rgb and r <= max_resolution]
 
 
-def clip_standard_input(backbone: ClipBackbone, images: torch.Tensor) -> torch.Tensor:
-    """Generator [-1, 1] -> CLIP's standard preprocessing (resize to image_size, mean/std normalisation)."""
+ClipPreprocess = Literal["torch", "anchor"]
+
+
+def clip_standard_input(backbone: ClipBackbone, images: torch.Tensor, preprocess: ClipPreprocess = "torch"
+                        ) -> torch.Tensor:
+    """Generator [-1, 1] [B, 3, H, W] -> CLIP's standard preprocessing [B, 3, S, S] (resize to image_size,
+    mean/std normalisation); ``preprocess="anchor"``: uint8 render through PIL bicubic (module doc)."""
+    if preprocess == "anchor":
+        return clip_anchor_input(backbone, images)
+    if preprocess != "torch":
+        raise ValueError(f"preprocess={preprocess!r}; expected 'torch' or 'anchor'.")
     x = (images.clamp(-1, 1) + 1) / 2
     x = F.interpolate(x, size=(backbone.image_size, backbone.image_size), mode="bicubic", align_corners=False,
                       antialias=True)
+    return backbone.normalize_pixels(x)
+
+
+def clip_anchor_input(backbone: ClipBackbone, images: torch.Tensor) -> torch.Tensor:
+    """The anchor's path: ((x + 1) * 127.5) rounded to uint8 as StyleGAN's image export, ``PIL.Image``, then CLIP's
+    preprocess (``Resize(S, BICUBIC)`` on the short side, ``CenterCrop(S)``, ToTensor, mean/std)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    size = backbone.image_size
+    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])
+    u8 = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [B, 3, H, W]
+    arrs = u8.permute(0, 2, 3, 1).cpu().numpy()
+    x = torch.stack([tf(Image.fromarray(np.ascontiguousarray(a))) for a in arrs]).to(images.device)
     return backbone.normalize_pixels(x)
 
 
@@ -108,15 +139,19 @@ def _cache_key(meta: dict) -> str:
 @torch.no_grad()
 def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: StyleStats, layers: Sequence[int] | None = None,
                       n_images: int = 100, alpha: float = 5.0, batch_size: int = 32, cache_dir: str | Path | None = None,
-                      cache_meta: dict | None = None, progress: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """fs3 [n_channels, D] and the (S layer, channel) of each row; cached under ``cache_dir`` when given."""
+                      cache_meta: dict | None = None, progress: bool = True, preprocess: ClipPreprocess = "torch"
+                      ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """fs3 [n_channels, D] and the (S layer, channel) of each row; cached under ``cache_dir`` when given.
+    ``preprocess``: how renders reach CLIP (``torch`` default, ``anchor`` = uint8 + PIL bicubic; module doc)."""
     layers = list(relevance_layers(generator) if layers is None else layers)
     n_images = min(n_images, stats.codes[0].shape[0])
     meta = {"layers": layers, "n_images": n_images, "alpha": alpha, "clip": backbone.spec(),
             "generator": {"size": generator.size, "style_dim": generator.style_dim}, **(cache_meta or {})}
+    if preprocess != "torch":  # keeps the cache keys of existing torch-preprocessed fs3 files
+        meta["preprocess"] = preprocess
     path = Path(cache_dir) / f"fs3_{_cache_key(meta)}.pt" if cache_dir else None
     if path is not None and path.is_file():
-        cached = safe_torch_load(path, "channel-relevance cache")
+        cached = load_torch_dict(path, "channel-relevance cache", ("fs3", "index"), "; delete it to recompute")
         log.info("channel relevance loaded from cache %s", path)
         return cached["fs3"], [tuple(x) for x in cached["index"]]
     dev = generator.device
@@ -134,7 +169,7 @@ def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: Style
                 s[j][: hi - lo, c] = stats.mean[j][c].to(dev) - shift
                 s[j][hi - lo:, c] = stats.mean[j][c].to(dev) + shift
                 img = generator.synthesize_s(s, randomize_noise=False)
-                e = backbone.encode_image(clip_standard_input(backbone, img), normalize=True)  # [2b, D]
+                e = backbone.encode_image(clip_standard_input(backbone, img, preprocess), normalize=True)  # [2b, D]
                 diffs.append(F.normalize(e[hi - lo:] - e[: hi - lo], dim=-1))
             rows.append(F.normalize(torch.cat(diffs).mean(0), dim=-1).cpu())
             if bar is not None:
@@ -149,13 +184,10 @@ def channel_relevance(generator: Generator, backbone: ClipBackbone, stats: Style
 @torch.no_grad()
 def text_direction(backbone: ClipBackbone, neutral: str, target: str, templates: Sequence[str] | None = None) -> torch.Tensor:
     """dt = normalise(t_target - t_neutral), each the normalised mean of normalised template embeddings. [D]."""
-    templates = list(templates or imagenet_templates())
+    from xclip.models.zero_shot import zero_shot_classifier
 
-    def embed(name: str) -> torch.Tensor:
-        e = backbone.encode_text(backbone.tokenize([t.format(name) for t in templates]), normalize=True)
-        return F.normalize(e.mean(0), dim=-1)
-
-    return F.normalize(embed(target) - embed(neutral), dim=-1).float().cpu()
+    neutral_e, target_e = zero_shot_classifier(backbone, [neutral, target], list(templates or imagenet_templates()))
+    return F.normalize(target_e - neutral_e, dim=-1).float().cpu()
 
 
 def channel_scores(fs3: torch.Tensor, dt: torch.Tensor, beta: float) -> torch.Tensor:
@@ -215,78 +247,107 @@ class _bar:
         return False
 
 
-def add_subcommand(subparsers) -> None:
+@dataclass
+class GlobalDirectionConfig:
+    """Settings of the ``styleclip-global`` subcommand (StyleCLIP global_torch defaults)."""
+
+    neutral: str = ""                      # the text the direction starts from, e.g. "face" (required)
+    target: str = ""                       # ... and ends at, e.g. "smiling face" (required)
+    alpha: list[float] = field(default_factory=lambda: [4.1])  # manipulation strength(s)
+    beta: float | Literal["auto"] = 0.15   # disentanglement threshold, or "auto"
+    c_threshold: int = 20                  # auto beta: minimum channels (20 ffhq, 100 others)
+    n_edit: int = 4                        # random faces to edit without --latent_path
+    stats_samples: int = 100_000           # W samples of the S statistics
+    n_images: int = 100                    # images per channel for the relevance
+    max_resolution: int = 128              # conv layers at <= this resolution
+    batch_size: int = 32
+    clip_preprocess: ClipPreprocess = "torch"  # renders -> CLIP: float torch bicubic, or the anchor's uint8 + PIL
+
+
+def add_arguments(p) -> None:
     from xclip.generation.styleclip_optimize import add_generator_arguments
 
-    p = subparsers.add_parser("styleclip-global", help="StyleCLIP global directions (StyleSpace)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--neutral", required=True, help='e.g. "face"')
-    p.add_argument("--target", required=True, help='e.g. "smiling face"')
-    p.add_argument("--alpha", type=float, nargs="+", default=[4.1], help="manipulation strength(s)")
-    p.add_argument("--beta", default="0.15", help="disentanglement threshold, or 'auto'")
-    p.add_argument("--c-threshold", type=int, default=20, help="auto-beta: minimum channels (20 ffhq, 100 others)")
-    p.add_argument("--latent-path", default=None, help="W+ latents (N, n_latent, style_dim) to edit")
-    p.add_argument("--n-edit", type=int, default=4, help="random faces to edit without --latent-path")
-    p.add_argument("--stats-samples", type=int, default=100_000)
-    p.add_argument("--n-images", type=int, default=100, help="images per channel for the relevance")
-    p.add_argument("--max-resolution", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--cache-dir", default="cache/styleclip_global")
-    p.add_argument("--output-dir", default="results/styleclip_global")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_class_arguments(GlobalDirectionConfig, None, skip={"alpha"})
+    p.add_argument("--alpha", type=float, nargs="+", default=[4.1], help="manipulation strength(s), e.g. --alpha -4 4")
+    p.add_argument("--latent_path", type=str | None, default=None, help="W+ latents (N, n_latent, style_dim) to edit")
+    p.add_argument("--cache_dir", type=str, default="cache/styleclip_global",
+                   help="S statistics and channel relevance cache")
+    p.add_argument("--out", type=str, default="results/styleclip_global", help="output folder (global_edit.png)")
+    p.add_argument("--progress", type=bool, default=True)
     add_generator_arguments(p)
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> dict:
-    from torchvision.utils import save_image
+def check_inputs(args) -> GlobalDirectionConfig:
+    from xclip.generation._cli import check_device, check_file, check_out_dir, check_range, check_text, dataclass_from
+    from xclip.generation.styleclip_optimize import check_generator
 
+    cfg = dataclass_from(GlobalDirectionConfig, args)
+    check_text(cfg.neutral, "--neutral", "face")
+    check_text(cfg.target, "--target", "smiling face")
+    if cfg.neutral.strip() == cfg.target.strip():
+        raise SystemExit(f"--neutral and --target are both {cfg.neutral!r}: the direction would be zero; give the "
+                         f"edit as two different texts (e.g. --neutral face --target 'smiling face')")
+    if not cfg.alpha:
+        raise SystemExit("--alpha is empty; give one or more strengths, e.g. --alpha 4.1")
+    if cfg.beta != "auto":
+        check_range(cfg.beta, "--beta", 0, "a threshold on |fs3 . dt| (StyleCLIP: 0.1-0.3) or 'auto'")
+    for flag, v in (("--stats_samples", cfg.stats_samples), ("--n_images", cfg.n_images),
+                    ("--batch_size", cfg.batch_size), ("--n_edit", cfg.n_edit)):
+        check_range(v, flag, 1, "it counts samples")
+    check_file(args.latent_path, "--latent_path", "W+ latent file")
+    check_generator(args)
+    check_device(args.device)
+    check_out_dir(args.cache_dir, "--cache_dir")
+    check_out_dir(args.out)
+    return cfg
+
+
+def run(args) -> dict:
     from xclip.datamodules.latents import load_latents
+    from xclip.generation._cli import save_png, write_json
     from xclip.generation.styleclip_optimize import build_models
-    from xclip.utils.io import atomic_write_json
 
-    if args.beta != "auto":
-        try:
-            float(args.beta)
-        except ValueError:
-            raise SystemExit(f"--beta must be a number or 'auto', got {args.beta!r}")
-    latents = load_latents(args.latent_path, args.generator_size, args.style_dim) if args.latent_path else None
+    cfg = check_inputs(args)
+    g = args.generator
+    latents = load_latents(args.latent_path, g.size, g.style_dim) if args.latent_path else None
     gen, backbone = build_models(args)
-    progress = not args.no_progress
-    ident = {"generator_checkpoint": str(args.generator_checkpoint), "seed": args.seed,
-             "stats_samples": args.stats_samples, "arch": [args.n_mlp, args.channel_multiplier, args.channel_max]}
+    progress = args.progress
+    ident = {"generator_checkpoint": str(g.checkpoint), "seed": args.seed,
+             "stats_samples": cfg.stats_samples, "arch": [g.n_mlp, g.channel_multiplier, g.channel_max]}
     stats_path = Path(args.cache_dir) / f"s_stats_{_cache_key(ident)}.pt"
     if stats_path.is_file():
-        d = safe_torch_load(stats_path, "S statistics cache")
+        d = load_torch_dict(stats_path, "S statistics cache", ("mean", "std", "codes"), "; delete it to recompute")
         stats = StyleStats(d["mean"], d["std"], d["codes"])
     else:
-        stats = style_statistics(gen, n_samples=args.stats_samples, n_codes=max(args.n_images, 1),
-                                 batch_size=min(1000, args.stats_samples), progress=progress)
+        stats = style_statistics(gen, n_samples=cfg.stats_samples, n_codes=max(cfg.n_images, 1),
+                                 batch_size=min(1000, cfg.stats_samples), progress=progress)
         atomic_torch_save({"mean": stats.mean, "std": stats.std, "codes": stats.codes, "meta": ident}, stats_path)
-    fs3, index = channel_relevance(gen, backbone, stats, relevance_layers(gen, args.max_resolution), args.n_images,
-                                   batch_size=args.batch_size, cache_dir=args.cache_dir, cache_meta=ident,
-                                   progress=progress)
-    dt = text_direction(backbone, args.neutral, args.target)
-    beta = auto_beta(fs3, dt, args.c_threshold) if args.beta == "auto" else float(args.beta)
+    fs3, index = channel_relevance(gen, backbone, stats, relevance_layers(gen, cfg.max_resolution), cfg.n_images,
+                                   batch_size=cfg.batch_size, cache_dir=args.cache_dir, cache_meta=ident,
+                                   progress=progress, preprocess=cfg.clip_preprocess)
+    dt = text_direction(backbone, cfg.neutral, cfg.target)
+    beta = auto_beta(fs3, dt, cfg.c_threshold) if cfg.beta == "auto" else float(cfg.beta)
     scores = channel_scores(fs3, dt, beta)
     n_channels = int((scores != 0).sum())
     print(f"beta {beta:.2f}: num of channels being manipulated: {n_channels}")
+    if n_channels == 0:
+        log.warning("beta %.2f manipulates no channel: the edits equal the originals; lower --beta or use 'auto'",
+                    beta)
     delta = style_delta(scores, index, stats)
     with torch.no_grad():
         if latents is None:
             from xclip.generation.styleclip_optimize import initial_latent
 
-            latents = torch.cat([initial_latent(gen, "edit", 0.7, args.seed + k) for k in range(args.n_edit)])
+            latents = torch.cat([initial_latent(gen, "edit", 0.7, args.seed + k) for k in range(cfg.n_edit)])
         s = gen.w_to_s(latents.to(gen.device))
         rows = [gen.synthesize_s(s)]
-        for a in args.alpha:
+        for a in cfg.alpha:
             rows.append(gen.synthesize_s(edit_styles(s, [d.to(gen.device) for d in delta], a)))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
     grid = torch.stack(rows, 1).flatten(0, 1).clamp(-1, 1).add(1).div(2).cpu()  # [N*(1+A), 3, H, W]
-    save_image(grid, out / "global_edit.png", nrow=len(rows))
-    summary = {"neutral": args.neutral, "target": args.target, "alpha": args.alpha, "beta": beta,
-               "n_channels": n_channels}
-    atomic_write_json(summary, out / "summary.json")
-    print(f"wrote {out / 'global_edit.png'} (rows: original, alpha={args.alpha})")
+    save_png(grid, out / "global_edit.png", nrow=len(rows))
+    summary = {"neutral": cfg.neutral, "target": cfg.target, "alpha": cfg.alpha, "beta": beta,
+               "n_channels": n_channels, "config": asdict(cfg)}
+    write_json(summary, out / "summary.json")
+    print(f"wrote {out / 'global_edit.png'} (rows: original, alpha={cfg.alpha})")
     return summary

@@ -2,25 +2,25 @@
 
 Spec: reference/styleclip_vqgan.md §2 and reference/ntlb_coop.md §4.1.
 
-    python generate.py styleclip-optimize --description "a person with purple hair" \
-        --generator-checkpoint stylegan2-ffhq-config-f.pt --backbone ViT-B-32 --pretrained openai
-    python generate.py styleclip-optimize --description "a person with purple hair" --desired-words "0 0 0 1 1" \
-        --expl-lambda 1.0 --id-lambda 0.005 --steps 200 ...                  # NTLB notebook settings
+    xclip generate styleclip-optimize --description "a person with purple hair" \
+        --generator.checkpoint stylegan2-ffhq-config-f.pt --backbone ViT-B-32 --pretrained openai
+    xclip generate styleclip-optimize --description "a person with purple hair" --desired_words "[0, 0, 0, 1, 1]" \
+        --expl_weight 1.0 --id_lambda 0.005 --steps 200 ...                  # NTLB notebook settings
+    xclip generate styleclip-optimize --config configs/styleclip/optimize_purple_hair_ntlb.yaml
 
 Objective per step (W+ optimised with Adam, lr from ``get_lr``):
     L = (1 - cos(E_I(G(w)), E_T(t))) + l2_lambda * ||w - w0||^2 (summed) + id_lambda * ID(G(w), G(w0))
-        - expl_lambda * E,   E = sum_{tokens of S} w_t * rhat_t / #(w_t != 0),  rhat = R[eot, 1:eot] / sum
+        - expl_weight * E,   E = sum_{tokens of S} w_t * rhat_t / #(w_t != 0),  rhat = R[eot, 1:eot] / sum
 ``free_generation`` mode: CLIP term only (no L2/ID), starting from the mean latent.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -39,9 +39,9 @@ class OptimizeConfig:
     l2_lambda: float = 0.008
     id_lambda: float = 0.0
     truncation: float = 0.7
-    mode: str = "edit"  # "edit" | "free_generation"
+    mode: Literal["edit", "free_generation"] = "edit"
     work_in_stylespace: bool = False
-    expl_lambda: float = 0.0  # NTLB semantic-word loss weight (1.0 in NTLB)
+    expl_weight: float = 0.0  # NTLB semantic-word loss weight (1.0 in NTLB)
     desired_words: list[float] | None = None  # one weight per whitespace word of description
     save_intermediate_every: int = 20
 
@@ -84,7 +84,7 @@ class WordRelevanceLoss(torch.nn.Module):
         text = clip_loss.description
         words = text.split()
         if len(desired_words) != len(words):
-            raise ValueError(f"--desired-words has {len(desired_words)} values but the description {text!r} has "
+            raise ValueError(f"--desired_words has {len(desired_words)} values but the description {text!r} has "
                              f"{len(words)} words {words}; give one weight per whitespace-separated word")
         tokens = clip_loss.tokens  # [1, L]
         spans = word_token_spans(backbone.tokenizer, text, tokens[0].cpu())
@@ -94,8 +94,8 @@ class WordRelevanceLoss(torch.nn.Module):
         eot = int(text_eot_index(backbone, tokens.to(backbone.device))[0])
         inner = weights[1:eot]
         if (inner != 0).sum() == 0:
-            raise ValueError(f"--desired-words {list(desired_words)} marks no word of {text!r}; mark at least one "
-                             f"(e.g. '0 0 0 1 1') or drop --expl-lambda")
+            raise ValueError(f"--desired_words {list(desired_words)} marks no word of {text!r}; mark at least one "
+                             f"(e.g. [0, 0, 0, 1, 1]) or drop --expl_weight")
         lo, hi = float(inner.min()), float(inner.max())
         if hi - lo > 0:
             inner = (inner - lo) / (hi - lo)
@@ -148,9 +148,9 @@ def optimize_latent(generator: Generator, clip_loss: ClipLoss, w_init: torch.Ten
         raise ValueError(f"initial latent has shape {tuple(w_init.shape)}; expected (1, {generator.n_latent}, "
                          f"{generator.style_dim}) for a {generator.size} px generator (a (N, ...) file renders N images)")
     if cfg.id_lambda > 0 and id_loss is None:
-        raise ValueError(f"id_lambda={cfg.id_lambda} needs an ArcFace (--arcface-checkpoint model_ir_se50.pth)")
-    if cfg.expl_lambda > 0 and word_loss is None:
-        raise ValueError("expl_lambda > 0 needs the semantic word set (--desired-words)")
+        raise ValueError(f"id_lambda={cfg.id_lambda} needs an ArcFace (--arcface_checkpoint model_ir_se50.pth)")
+    if cfg.expl_weight > 0 and word_loss is None:
+        raise ValueError("expl_weight > 0 needs the semantic word set (--desired_words)")
     edit = cfg.mode == "edit"
     w0 = w_init.detach().clone()
     with torch.no_grad():
@@ -186,9 +186,9 @@ def optimize_latent(generator: Generator, clip_loss: ClipLoss, w_init: torch.Ten
                 if id_loss is not None and cfg.id_lambda > 0:
                     terms["id"] = id_loss(img, img0)
                     loss = loss + cfg.id_lambda * terms["id"]
-            if word_loss is not None and cfg.expl_lambda > 0:
+            if word_loss is not None and cfg.expl_weight > 0:
                 terms["expl"] = word_loss(img).mean()
-                loss = loss - cfg.expl_lambda * terms["expl"]
+                loss = loss - cfg.expl_weight * terms["expl"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -227,95 +227,115 @@ def _progress(enabled: bool):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
-# ---- CLI ----------------------------------------------------------------------------------------------------
-def add_generator_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generator")
-    g.add_argument("--generator-checkpoint", default=None,
-                   help="rosinality StyleGAN2 checkpoint (e.g. stylegan2-ffhq-config-f.pt, key g_ema); "
-                        "omitted: a random generator of the given architecture (tests/demos only)")
-    g.add_argument("--generator-size", type=int, default=1024)
-    g.add_argument("--style-dim", type=int, default=512)
-    g.add_argument("--n-mlp", type=int, default=8)
-    g.add_argument("--channel-multiplier", type=int, default=2)
-    g.add_argument("--channel-max", type=int, default=512)
-    g.add_argument("--backbone", default="ViT-B-32")
-    g.add_argument("--pretrained", default="openai")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--seed", type=int, default=0)
+# ---- CLI: the `styleclip-optimize` subcommand of `xclip generate` -----------------------------------------------
+@dataclass
+class GeneratorConfig:
+    """The StyleGAN2 generator (``--generator.*``): a rosinality checkpoint (key g_ema) and its architecture;
+    ``checkpoint: null`` = a RANDOM generator of that architecture (tests/demos only)."""
+
+    checkpoint: str | None = None
+    size: int = 1024
+    style_dim: int = 512
+    n_mlp: int = 8
+    channel_multiplier: int = 2
+    channel_max: int = 512
 
 
-def build_models(args: argparse.Namespace):
+def add_generator_arguments(p) -> None:
+    """``--generator.*`` (GeneratorConfig), ``--backbone/--pretrained``, ``--device``, ``--seed``."""
+    p.add_class_arguments(GeneratorConfig, "generator")
+    p.add_argument("--backbone", type=str, default="ViT-B-32", help="CLIP architecture (open_clip name)")
+    p.add_argument("--pretrained", type=str | None, default="openai", help="open_clip tag or weights file")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_generator(args) -> None:
+    from xclip.generation._cli import check_file
+
+    check_file(args.generator.checkpoint, "--generator.checkpoint", "StyleGAN2 checkpoint")
+    g = args.generator
+    if g.size < 4 or g.size & (g.size - 1):
+        raise SystemExit(f"--generator.size {g.size}: must be a power of two >= 4 (e.g. 1024 for FFHQ)")
+
+
+def build_models(args):
     from xclip.models.clip_backbone import build_clip
     from xclip.models.stylegan2 import build_generator
 
-    if not args.generator_checkpoint:
-        log.warning("no --generator-checkpoint: using a RANDOM %d px generator (tests/demos only)", args.generator_size)
-    gen = build_generator(args.generator_checkpoint, args.generator_size, args.style_dim, args.n_mlp,
-                          args.channel_multiplier, args.channel_max, seed=args.seed, device=args.device)
+    g = args.generator
+    if not g.checkpoint:
+        log.warning("no --generator.checkpoint: using a RANDOM %d px generator (tests/demos only)", g.size)
+    gen = build_generator(g.checkpoint, g.size, g.style_dim, g.n_mlp, g.channel_multiplier, g.channel_max,
+                          seed=args.seed, device=args.device)
     backbone = build_clip(args.backbone, args.pretrained, device=args.device).freeze()
     return gen, backbone
 
 
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("styleclip-optimize", help="StyleCLIP latent optimisation (+ NTLB word loss)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = OptimizeConfig()
-    p.add_argument("--description", default=d.description)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-rampup", type=float, default=d.lr_rampup)
-    p.add_argument("--l2-lambda", type=float, default=d.l2_lambda)
-    p.add_argument("--id-lambda", type=float, default=d.id_lambda)
-    p.add_argument("--arcface-checkpoint", default=None, help="model_ir_se50.pth (needed when --id-lambda > 0)")
-    p.add_argument("--truncation", type=float, default=d.truncation)
-    p.add_argument("--mode", choices=("edit", "free_generation"), default=d.mode)
-    p.add_argument("--work-in-stylespace", action="store_true")
-    p.add_argument("--latent-path", default=None, help="W+ latent (1, n_latent, style_dim) .pt (e.g. from e4e)")
-    p.add_argument("--expl-lambda", type=float, default=d.expl_lambda, help="NTLB word-relevance loss weight")
-    p.add_argument("--desired-words", default=None, help="one weight per word of --description, e.g. '0 0 0 1 1'")
-    p.add_argument("--save-intermediate-every", type=int, default=d.save_intermediate_every)
-    p.add_argument("--output-dir", default="results/styleclip_optimize")
-    p.add_argument("--no-progress", action="store_true")
+def add_arguments(p) -> None:
+    p.add_class_arguments(OptimizeConfig, None)
+    p.add_argument("--arcface_checkpoint", type=str | None, default=None,
+                   help="model_ir_se50.pth (needed when --id_lambda > 0)")
+    p.add_argument("--latent_path", type=str | None, default=None,
+                   help="W+ latent (1, n_latent, style_dim) .pt (e.g. from e4e)")
+    p.add_argument("--out", type=str, default="results/styleclip_optimize",
+                   help="output folder (final_result.png, latent.pt, history.json)")
+    p.add_argument("--progress", type=bool, default=True)
     add_generator_arguments(p)
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> OptimizeResult:
-    from torchvision.utils import save_image
+def check_inputs(args) -> OptimizeConfig:
+    """Settings, files and the output folder, before any model is built."""
+    from xclip.generation._cli import check_device, check_file, check_out_dir, check_range, check_text, dataclass_from
 
-    from xclip.datamodules.latents import load_latents
-    from xclip.models.arcface import load_arcface
-    from xclip.utils.io import atomic_torch_save, atomic_write_json
-
-    words = [float(x) for x in args.desired_words.split()] if args.desired_words else None
-    cfg = OptimizeConfig(description=args.description, steps=args.steps, lr=args.lr, lr_rampup=args.lr_rampup,
-                         l2_lambda=args.l2_lambda, id_lambda=args.id_lambda, truncation=args.truncation,
-                         mode=args.mode, work_in_stylespace=args.work_in_stylespace, expl_lambda=args.expl_lambda,
-                         desired_words=words, save_intermediate_every=args.save_intermediate_every)
+    cfg = dataclass_from(OptimizeConfig, args)
+    check_text(cfg.description, "--description", "a person with purple hair")
+    check_range(cfg.steps, "--steps", 1, "give the number of optimisation steps (StyleCLIP: 300)")
+    check_range(cfg.expl_weight, "--expl_weight", 0, "it weighs the NTLB word-relevance term (0 = off)")
     if cfg.id_lambda > 0 and not args.arcface_checkpoint:
-        raise SystemExit(f"--id-lambda {cfg.id_lambda} needs --arcface-checkpoint model_ir_se50.pth")
-    if cfg.expl_lambda > 0 and not words:
-        raise SystemExit("--expl-lambda > 0 needs --desired-words (one weight per word of --description)")
+        raise SystemExit(f"--id_lambda {cfg.id_lambda} needs --arcface_checkpoint model_ir_se50.pth "
+                         f"(or --id_lambda 0)")
+    if cfg.expl_weight > 0 and not cfg.desired_words:
+        raise SystemExit("--expl_weight > 0 needs --desired_words (one weight per word of --description, "
+                         "e.g. [0, 0, 0, 1, 1])")
+    if cfg.desired_words and len(cfg.desired_words) != len(cfg.description.split()):
+        raise SystemExit(f"--desired_words has {len(cfg.desired_words)} values but --description "
+                         f"{cfg.description!r} has {len(cfg.description.split())} words; give one weight per word")
+    check_file(args.arcface_checkpoint if cfg.id_lambda > 0 else None, "--arcface_checkpoint", "ArcFace weights")
+    check_file(args.latent_path, "--latent_path", "W+ latent file")
+    check_device(args.device)
+    check_generator(args)
+    check_out_dir(args.out)
+    return cfg
+
+
+def run(args) -> OptimizeResult:
+    from xclip.datamodules.latents import load_latents
+    from xclip.generation._cli import save_png, write_json
+    from xclip.models.arcface import load_arcface
+    from xclip.utils.io import atomic_torch_save
+
+    cfg = check_inputs(args)
+    words = cfg.desired_words
+    g = args.generator
     if args.latent_path:  # validate before building anything big
-        w_init = load_latents(args.latent_path, args.generator_size, args.style_dim)
+        w_init = load_latents(args.latent_path, g.size, g.style_dim)
         if w_init.shape[0] != 1:
-            raise SystemExit(f"{args.latent_path}: holds {w_init.shape[0]} latents; optimisation edits one, "
-                             f"save latents[i:i+1]")
+            raise SystemExit(f"--latent_path {args.latent_path}: holds {w_init.shape[0]} latents; optimisation "
+                             f"edits one, save latents[i:i+1]")
     gen, backbone = build_models(args)
     clip_loss = ClipLoss(backbone, cfg.description).to(args.device)
     w_init = w_init.to(args.device) if args.latent_path else initial_latent(gen, cfg.mode, cfg.truncation, args.seed)
     id_loss = IDLoss(load_arcface(args.arcface_checkpoint, args.device)) if cfg.id_lambda > 0 else None
-    word_loss = WordRelevanceLoss(clip_loss, words).to(args.device) if words and cfg.expl_lambda > 0 else None
-    result = optimize_latent(gen, clip_loss, w_init, cfg, id_loss, word_loss, progress=not args.no_progress)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat([result.image_init, result.image_final]).clamp(-1, 1).add(1).div(2).cpu(),
-               out / "final_result.png")
-    for k, img in enumerate(result.intermediate):
-        save_image(img.clamp(-1, 1).add(1).div(2), out / f"step_{(k + 1) * cfg.save_intermediate_every:05d}.png")
+    word_loss = WordRelevanceLoss(clip_loss, words).to(args.device) if words and cfg.expl_weight > 0 else None
+    result = optimize_latent(gen, clip_loss, w_init, cfg, id_loss, word_loss, progress=args.progress)
+    out = Path(args.out)
+    save_png(torch.cat([result.image_init, result.image_final]).clamp(-1, 1).add(1).div(2).cpu(),
+             out / "final_result.png")
     atomic_torch_save({"latent": result.latent.cpu(), "latent_init": result.latent_init.cpu()}, out / "latent.pt")
-    atomic_write_json({"config": asdict(cfg), "seconds": result.seconds, "history": result.history},
-                      out / "history.json")
+    write_json({"config": asdict(cfg), "seconds": result.seconds, "history": result.history}, out / "history.json")
+    for k, img in enumerate(result.intermediate):
+        save_png(img.clamp(-1, 1).add(1).div(2), out / f"step_{(k + 1) * cfg.save_intermediate_every:05d}.png")
     first, last = result.history[0]["clip"], result.history[-1]["clip"]
     print(f"CLIP loss {first:.4f} -> {last:.4f} in {cfg.steps} steps ({result.seconds:.1f} s); wrote {out}")
     return result

@@ -14,19 +14,21 @@ Spec: styleclip_vqgan.md section 5 (VQGAN-CLIP) and ntlb_coop.md 4.3 (spatial co
                       box seen through the same cutouts; lambda_k = expl_weight / sqrt(box area ratio).
                       ``spatial_loss``: ``anchor`` (the notebook's Dice-like soft precision), ``dice`` or ``iou``.
 
-    python -m xclip.generation.vqgan_clip --vqgan_config X.yaml --vqgan_ckpt X.ckpt --backbone ViT-B-32 \
-        --pretrained openai --region "0,0,128,256=a dog" --region "160,64,96,96=a ball" --method explainability \
+    xclip generate vqgan-clip --vqgan_config X.yaml --vqgan_ckpt X.ckpt --backbone ViT-B-32 --pretrained openai \
+        --prompts "0,0,128,256=a dog" "160,64,96,96=a ball" --method explainability \
         --width 256 --height 256 --steps 1000 --out runs/vqgan/dog_ball
+    xclip generate vqgan-clip --config configs/vqgan/ntlb_spatial.yaml --prompts "0,0,150,256=a dog"
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,10 @@ from xclip.generation.cutouts import MakeCutouts
 from xclip.losses.spatial import SPATIAL_KINDS, box_mask, spatial_relevance_loss
 from xclip.models.vqgan import VQGAN, replace_grad
 
-METHODS: tuple[str, ...] = ("plain", "textual", "similarity", "similarity2", "explainability")
+Method = Literal["plain", "textual", "similarity", "similarity2", "explainability"]
+METHODS: tuple[str, ...] = Method.__args__
+log = logging.getLogger(__name__)
+PROMPT_FORMAT = "'[L,T,W,H=]text[:weight[:stop]]', e.g. '0,0,16,32=a red circle:1.5'"
 
 
 @dataclass
@@ -53,9 +58,14 @@ def parse_prompt(spec: str) -> RegionPrompt:
     """``"[L,T,W,H=]text[:weight[:stop]]"`` -> RegionPrompt (e.g. ``"0,0,16,32=a red circle:1.5"``)."""
     bbox = None
     head, sep, rest = spec.partition("=")
-    if sep and all(p.strip().replace(".", "", 1).lstrip("-").isdigit() for p in head.split(",")) \
-            and len(head.split(",")) == 4:
-        bbox = tuple(float(p) for p in head.split(","))
+    if sep and _looks_like_box(head):
+        try:
+            bbox = tuple(float(p) for p in head.split(","))
+        except ValueError:
+            bbox = ()
+        if len(bbox) != 4:
+            raise ValueError(f"prompt {spec!r}: box {head!r} must be 4 numbers L,T,W,H (left, top, width, height "
+                             f"in output pixels); the format is {PROMPT_FORMAT}")
         spec = rest
     parts = spec.rsplit(":", 2)
     vals = [parts[0], "1", "-inf"]
@@ -75,6 +85,13 @@ def parse_prompt(spec: str) -> RegionPrompt:
     weight = nums[0] if len(nums) > 0 else 1.0
     stop = nums[1] if len(nums) > 1 else float("-inf")
     return RegionPrompt(text, bbox, weight, stop)
+
+
+def _looks_like_box(head: str) -> bool:
+    """Text before '=' that is meant as a box (numbers and commas, or starts like "0,0,"): it must then be one."""
+    h = head.strip()
+    return "," in h and (re.fullmatch(r"[\d\s.,+-]+", h) is not None and any(c.isdigit() for c in h)
+                         or re.match(r"[+-]?\d+(\.\d*)?\s*,", h) is not None)
 
 
 def position_words(bbox: Sequence[float], width: int, height: int) -> str:
@@ -97,21 +114,21 @@ class VQGANCLIPConfig:
     lr: float = 0.1                       # Adam (Crowson's notebook: 0.05)
     cutn: int = 32
     cut_pow: float = 1.0
-    cut_method: str = "pooling"           # "pooling" (nerdyrodent/NTLB) | "crops" (Crowson original)
+    cut_method: Literal["pooling", "crops"] = "pooling"  # pooling: nerdyrodent/NTLB; crops: Crowson original
     augment: bool = True
     noise_fac: float = 0.1
     squash_size: int | None = None        # NTLB notebook squashes to 256x256 before the cutouts
     init: str = "random"                  # "random" codebook entries | "uniform" (rand*2, NTLB) | image path
     init_weight: float = 0.0              # z L2 regulariser weight (0 = off, spec default)
-    init_reg: str = "orig"                # "orig": MSE(z, z_orig)*w/2 | "decay": MSE(z, 0)*w/(2(2i+1)) (nerdyrodent)
+    init_reg: Literal["orig", "decay"] = "orig"  # orig: MSE(z, z_orig)*w/2 | decay: MSE(z, 0)*w/(2(2i+1))
     seed: int = 42
-    method: str = "explainability"
+    method: Method = "explainability"
     expl_weight: float = 0.15
     weight_by_mask_ratio: bool = True
-    spatial_loss: str = "anchor"          # "anchor" | "dice" | "iou"
+    spatial_loss: Literal["anchor", "dice", "iou"] = "anchor"
     threshold: float = 0.1
     temperature: float = 20.0
-    relevance_score: str = "cosine"       # NTLB spatial loss differentiates the raw cosine (not x100)
+    relevance_score: Literal["cosine", "logit"] = "cosine"  # NTLB differentiates the raw cosine (not x100)
     template: str = "a photo of {}"
     save_every: int = 0
 
@@ -122,8 +139,13 @@ class VQGANCLIPConfig:
             raise ValueError(f"spatial_loss must be one of {SPATIAL_KINDS}, got {self.spatial_loss!r}")
         if self.init_reg not in ("orig", "decay"):
             raise ValueError(f"init_reg must be 'orig' or 'decay', got {self.init_reg!r}")
-        if self.width < 1 or self.height < 1 or self.steps < 0 or self.cutn < 1:
-            raise ValueError(f"bad size/steps/cutn: {self.width}x{self.height}, steps {self.steps}, cutn {self.cutn}")
+        if self.width < 1 or self.height < 1 or self.cutn < 1:
+            raise ValueError(f"bad size/cutn: {self.width}x{self.height}, cutn {self.cutn} (each must be >= 1)")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps} (with no step the result is the random init); "
+                             f"pass --steps 1 or more")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
 @dataclass
@@ -134,6 +156,7 @@ class GenerationResult:
     prompts: list[RegionPrompt] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)         # (width, height) actually generated (multiple of f)
     seconds: float = 0.0
+    change: float = float("nan")           # mean |final - initial image| (0: no VQGAN code changed)
 
 
 def spherical_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -244,6 +267,8 @@ def generate(vqgan: VQGAN, backbone, prompts: Sequence[RegionPrompt], cfg: VQGAN
     z = init_z(vqgan, replace_size(cfg, width, height), g).to(dev)
     z_orig = z.clone()
     z_min, z_max = vqgan.z_bounds()
+    with torch.no_grad():
+        first = vqgan.synth(z)[0].detach()                                          # [3, H, W] initial image
     z.requires_grad_(True)
     opt = torch.optim.Adam([z], lr=cfg.lr)
 
@@ -311,6 +336,9 @@ def generate(vqgan: VQGAN, backbone, prompts: Sequence[RegionPrompt], cfg: VQGAN
             opt.step()
             with torch.no_grad():
                 z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
+            if not math.isfinite(logs["total"]):
+                raise FloatingPointError(f"vqgan-clip: the loss became {logs['total']} at step {i} ({logs}); "
+                                         f"lower --lr (now {cfg.lr}) or check --init / the checkpoints")
             logs["step"] = i
             history.append(logs)
             bar.update(task, advance=1, loss=logs["total"])
@@ -318,7 +346,12 @@ def generate(vqgan: VQGAN, backbone, prompts: Sequence[RegionPrompt], cfg: VQGAN
                 save_image(img.detach()[0], out / f"step_{i:05d}.png")
     with torch.no_grad():
         final = vqgan.synth(z)[0].detach()                                          # [3, H, W]
-    res = GenerationResult(final, z.detach(), history, list(prompts), (width, height), time.time() - t0)
+    change = float((final - first).abs().mean())
+    if float((final - first).abs().max()) < 1 / 255:
+        log.warning("vqgan-clip (%s): the image did not change from its init after %d steps (no VQGAN code moved); "
+                    "the result is the init noise: raise --steps or --lr (now %d, %g)", cfg.method, cfg.steps,
+                    cfg.steps, cfg.lr)
+    res = GenerationResult(final, z.detach(), history, list(prompts), (width, height), time.time() - t0, change)
     if out is not None:
         save_result(res, cfg, out)
     return res
@@ -348,58 +381,43 @@ def save_image(img: torch.Tensor, path: str | Path, comment: str | None = None) 
 
 
 def save_result(res: GenerationResult, cfg: VQGANCLIPConfig, out: str | Path) -> None:
-    from xclip.utils.io import atomic_torch_save, atomic_write_json
+    """final.png, losses.json (strict JSON: a prompt without stop has ``stop: null``), z.pt; each atomic."""
+    from xclip.generation._cli import write_json
+    from xclip.utils.io import atomic_torch_save
 
     out = Path(out)
     prompt_text = " | ".join(f"{p.text}@{p.bbox}" if p.bbox else p.text for p in res.prompts)
     save_image(res.image, out / "final.png", comment=prompt_text)
-    atomic_write_json({"config": asdict(cfg), "prompts": [asdict(p) for p in res.prompts],
-                       "size": list(res.size), "seconds": res.seconds, "losses": res.losses},
-                      out / "losses.json")
+    write_json({"config": asdict(cfg), "prompts": [asdict(p) for p in res.prompts], "size": list(res.size),
+                "seconds": res.seconds, "image_change": res.change, "losses": res.losses}, out / "losses.json")
     atomic_torch_save({"z": res.z.cpu()}, out / "z.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# command line (also the `vqgan-clip` subcommand of generate.py)
+# command line: the `vqgan-clip` subcommand of `xclip generate`
 # ---------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = VQGANCLIPConfig()
-    m = p.add_argument_group("models")
-    m.add_argument("--vqgan_config", default=None, help="taming yaml (e.g. vqgan_imagenet_f16_16384.yaml); "
-                   "'tiny' = random tiny VQGAN for smoke tests")
-    m.add_argument("--vqgan_ckpt", default=None, help="taming ckpt whose state_dict matches --vqgan_config")
-    m.add_argument("--backbone", default="ViT-B-32", help="CLIP architecture (open_clip name)")
-    m.add_argument("--pretrained", default="openai", help="open_clip tag or weights file")
-    m.add_argument("--projection", default=None, help="spelling-projection checkpoint (W) for the CLIP loss")
-    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g = p.add_argument_group("prompts")
-    g.add_argument("--prompt", "--region", dest="prompts", action="append", default=[],
-                   help="'[L,T,W,H=]text[:weight[:stop]]' (repeatable; box in output pixels)")
-    g.add_argument("--method", default=d.method, choices=METHODS)
-    g.add_argument("--template", default=d.template, help="prompt template ('' = raw text)")
-    o = p.add_argument_group("optimisation")
-    for name in ("width", "height", "steps", "cutn", "seed", "save_every"):
-        o.add_argument(f"--{name}", type=int, default=getattr(d, name))
-    for name in ("lr", "cut_pow", "noise_fac", "init_weight", "expl_weight", "threshold", "temperature"):
-        o.add_argument(f"--{name}", type=float, default=getattr(d, name))
-    o.add_argument("--cut_method", default=d.cut_method, choices=("pooling", "crops"))
-    o.add_argument("--no_augment", action="store_true")
-    o.add_argument("--squash_size", type=int, default=None)
-    o.add_argument("--init", default=d.init, help="'random' | 'uniform' | path to an init image")
-    o.add_argument("--init_reg", default=d.init_reg, choices=("orig", "decay"))
-    o.add_argument("--spatial_loss", default=d.spatial_loss, choices=SPATIAL_KINDS)
-    o.add_argument("--no_mask_ratio_weight", action="store_true")
-    o.add_argument("--relevance_score", default=d.relevance_score, choices=("cosine", "logit"))
-    p.add_argument("--out", default="runs/vqgan_clip", help="output folder (final.png, losses.json, z.pt)")
-    p.add_argument("--no_progress", action="store_true")
+def add_arguments(p) -> None:
+    """jsonargparse schema: models, prompts, the VQGANCLIPConfig fields, output."""
+    p.add_argument("--vqgan_config", type=str | None, default=None,
+                   help="taming yaml (e.g. vqgan_imagenet_f16_16384.yaml); 'tiny' = random tiny VQGAN (smoke tests)")
+    p.add_argument("--vqgan_ckpt", type=str | None, default=None,
+                   help="taming ckpt whose state_dict matches --vqgan_config")
+    p.add_argument("--backbone", type=str, default="ViT-B-32", help="CLIP architecture (open_clip name)")
+    p.add_argument("--pretrained", type=str | None, default="openai", help="open_clip tag or weights file")
+    p.add_argument("--projection", type=str | None, default=None,
+                   help="spelling-projection checkpoint (W) for the CLIP loss")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompts", type=str, nargs="+", default=[],
+                   help=f"{PROMPT_FORMAT} (several: --prompts A B; replaces the config's list)")
+    p.add_class_arguments(VQGANCLIPConfig, None)
+    p.add_argument("--out", type=str, default="runs/vqgan_clip", help="output folder (final.png, losses.json, z.pt)")
+    p.add_argument("--progress", type=bool, default=True, help="rich progress bar")
 
 
-def config_from_args(args: argparse.Namespace) -> VQGANCLIPConfig:
-    d = VQGANCLIPConfig()
-    kw = {k: getattr(args, k) for k in asdict(d) if hasattr(args, k)}
-    kw["augment"] = not args.no_augment
-    kw["weight_by_mask_ratio"] = not args.no_mask_ratio_weight
-    return VQGANCLIPConfig(**kw)
+def config_from_args(args) -> VQGANCLIPConfig:
+    from xclip.generation._cli import dataclass_from
+
+    return dataclass_from(VQGANCLIPConfig, args)
 
 
 def load_vqgan_from_args(config: str | None, ckpt: str | None, device: str = "cpu") -> VQGAN:
@@ -412,42 +430,59 @@ def load_vqgan_from_args(config: str | None, ckpt: str | None, device: str = "cp
     return load_vqgan(config, ckpt, device=device)
 
 
-def run_cli(args: argparse.Namespace) -> GenerationResult:
-    from xclip.models.clip_backbone import build_clip
+def check_inputs(args) -> tuple[VQGANCLIPConfig, list[RegionPrompt]]:
+    """Everything that can be checked before a model is built: settings, prompts, files, the output folder."""
+    from xclip.generation._cli import check_device, check_file, check_out_dir
 
     cfg = config_from_args(args)
-    cfg.validate()
-    prompts = [parse_prompt(s) for s in args.prompts]
-    _check_prompts(prompts, cfg, cfg.width, cfg.height)  # fail before loading anything big
+    try:
+        cfg.validate()
+        if not args.prompts:
+            raise ValueError(f"no prompt given: pass --prompts {PROMPT_FORMAT.split(', e.g. ')[1]}")
+        prompts = [parse_prompt(s) for s in args.prompts]
+        _check_prompts(prompts, cfg, cfg.width, cfg.height)
+    except ValueError as e:
+        raise SystemExit(f"vqgan-clip: {e}") from None
+    if args.vqgan_config not in (None, "tiny"):
+        check_file(args.vqgan_config, "--vqgan_config", "taming yaml")
+        if args.vqgan_ckpt is None:
+            raise SystemExit(f"--vqgan_config {args.vqgan_config} needs --vqgan_ckpt (the matching taming ckpt)")
+    elif args.vqgan_ckpt:
+        raise SystemExit("--vqgan_ckpt given without --vqgan_config: pass the taming yaml it belongs to")
+    check_file(args.vqgan_ckpt, "--vqgan_ckpt", "VQGAN checkpoint")
+    check_file(args.projection, "--projection", "spelling-projection checkpoint")
+    if cfg.init not in ("random", "uniform"):
+        check_file(cfg.init, "--init", "init image ('random', 'uniform' or an image path)")
+    check_device(args.device)
+    check_out_dir(args.out)
+    return cfg, prompts
+
+
+def run(args) -> GenerationResult:
+    from xclip.models.clip_backbone import build_clip
+
+    cfg, prompts = check_inputs(args)  # fail before loading anything big
     vqgan = load_vqgan_from_args(args.vqgan_config, args.vqgan_ckpt, args.device)
     backbone = build_clip(args.backbone, args.pretrained, device=args.device).freeze()
     projection = None
     if args.projection:
         from xclip.lightning_modules.spelling import load_projection
 
-        projection = load_projection(args.projection, expected_backbone=backbone.spec()).to(args.device)
-    res = generate(vqgan, backbone, prompts, cfg, out_dir=args.out, progress=not args.no_progress,
-                   projection=projection)
-    first, last = res.losses[0]["total"] if res.losses else float("nan"), \
-        res.losses[-1]["total"] if res.losses else float("nan")
-    print(json.dumps({"out": str(args.out), "size": list(res.size), "loss_first": first, "loss_last": last,
+        projection = load_projection(args.projection, expected_backbone=backbone.spec(),
+                                     expected_dim=backbone.embed_dim).to(args.device)
+    res = generate(vqgan, backbone, prompts, cfg, out_dir=args.out, progress=args.progress, projection=projection)
+    print(json.dumps({"out": str(args.out), "size": list(res.size), "loss_first": res.losses[0]["total"],
+                      "loss_last": res.losses[-1]["total"], "image_change": res.change,
                       "seconds": round(res.seconds, 2)}))
     return res
 
 
-def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    """The ``vqgan-clip`` subcommand of generate.py."""
-    p = subparsers.add_parser("vqgan-clip", help="VQGAN-CLIP generation with NTLB spatial (bbox) conditioning",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run_cli)
-    return p
-
-
 def main(argv: list[str] | None = None) -> GenerationResult:
-    p = argparse.ArgumentParser(description="VQGAN-CLIP generation with NTLB spatial conditioning.")
-    add_arguments(p)
-    return run_cli(p.parse_args(argv))
+    import sys
+
+    from xclip import generate as cli
+
+    return cli.main(["vqgan-clip", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

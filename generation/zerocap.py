@@ -324,68 +324,121 @@ def load_language_model(name_or_dir: str = "gpt2-medium", device: str | torch.de
     return lm.to(device).eval(), tok
 
 
-# ---- CLI ----------------------------------------------------------------------------------------------
-def add_subcommand(subparsers) -> None:
-    """`python generate.py zerocap ...` (also `python -m xclip.generation.zerocap ...`)."""
-    p = subparsers.add_parser("zerocap", help="ZeroCap: CLIP-guided zero-shot captioning / visual arithmetic")
-    _add_arguments(p)
-    p.set_defaults(func=run_cli)
+# ---- CLI: the `zerocap` subcommand of `xclip generate` ---------------------------------------------------------
+#     xclip generate zerocap --config configs/zerocap/caption.yaml --images photos/ --out results/zerocap/caps.json
+#     xclip generate zerocap --config configs/zerocap/arithmetic.yaml --arith_images a.jpg b.jpg c.jpg \
+#         --arith_weights 1 1 -1
+# The task presets of ZeroCapConfig.for_task are configs/zerocap/{caption,knowledge,ocr,arithmetic}.yaml.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _add_arguments(p) -> None:
-    p.add_argument("images", nargs="*", help="image files or folders to caption (one caption each)")
-    p.add_argument("--task", default="caption", choices=["caption", "knowledge", "ocr", "arithmetic"])
-    p.add_argument("--lm", default="gpt2-medium", help="HF causal LM name or local dir (GPT-2 family)")
-    p.add_argument("--backbone", default="ViT-B-32", help="CLIP architecture (open_clip name)")
-    p.add_argument("--pretrained", default="openai", help="open_clip tag or local weights")
-    p.add_argument("--arith-images", nargs="*", default=[], help="images of an arithmetic target, e.g. A B C")
-    p.add_argument("--arith-weights", nargs="*", type=float, default=[], help="their weights, e.g. 1 1 -1")
-    p.add_argument("--arith-texts", nargs="*", default=[], help="text terms of an arithmetic target")
-    p.add_argument("--arith-text-weights", nargs="*", type=float, default=[])
-    p.add_argument("--references", default=None, help="JSON {image file name: [reference captions]} for BLEU/CIDEr")
-    p.add_argument("--out", default="captions.json")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def add_arguments(p) -> None:
+    p.add_argument("--images", type=str, nargs="*", default=[], help="image files or folders to caption")
+    p.add_argument("--lm", type=str, default="gpt2-medium", help="HF causal LM name or local dir (GPT-2 family)")
+    p.add_argument("--backbone", type=str, default="ViT-B-32", help="CLIP architecture (open_clip name)")
+    p.add_argument("--pretrained", type=str | None, default="openai", help="open_clip tag or local weights")
+    p.add_argument("--arith_images", type=str, nargs="*", default=[],
+                   help="images of an arithmetic target, e.g. A B C")
+    p.add_argument("--arith_weights", type=float, nargs="*", default=[], help="their weights, e.g. 1 1 -1")
+    p.add_argument("--arith_texts", type=str, nargs="*", default=[], help="text terms of an arithmetic target")
+    p.add_argument("--arith_text_weights", type=float, nargs="*", default=[], help="their weights")
+    p.add_argument("--references", type=str | None, default=None,
+                   help="JSON {image file name: [reference captions]} for BLEU/CIDEr")
+    p.add_argument("--out", type=str, default="results/zerocap/captions.json", help="output JSON file")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wandb", action="store_true", help="log a table of image + caption + CLIP-S")
-    for f in ZeroCapConfig.__dataclass_fields__.values():
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)], default=None)
+    p.add_argument("--wandb", type=bool, default=False, help="log a table of image + caption + CLIP-S")
+    p.add_class_arguments(ZeroCapConfig, None)
 
 
-def _image_files(paths: Sequence[str]) -> list[str]:
+def _image_files(paths: Sequence[str], flag: str = "--images") -> list[str]:
     from pathlib import Path
 
     out = []
     for p in paths:
         q = Path(p)
         if q.is_dir():
-            out += sorted(str(f) for f in q.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            found = sorted(str(f) for f in q.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SystemExit(f"{flag} {p}: folder holds no {'/'.join(IMAGE_SUFFIXES)} image; pass image files "
+                                 f"or a folder of images")
+            out += found
         elif q.is_file():
             out.append(str(q))
         else:
-            raise FileNotFoundError(f"Image path not found: {p}")
+            raise SystemExit(f"{flag} {p}: image path not found; pass existing image files or folders")
     return out
 
 
-def run_cli(args) -> dict:
+def _check_images(files: Sequence[str], flag: str) -> None:
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - any decoder error means the file is unusable
+            raise SystemExit(f"{flag}: {f} is not a readable image ({type(e).__name__}: {e}); remove or replace "
+                             f"it") from None
+
+
+def check_inputs(args) -> tuple[ZeroCapConfig, list[str], list[str]]:
+    """Settings, images, references and the output file, before any model is loaded."""
+    import json
+    from pathlib import Path
+
+    from xclip.generation._cli import check_device, check_file, check_out_file, dataclass_from
+
+    cfg = dataclass_from(ZeroCapConfig, args)
+    for flag, v in (("--beam_size", cfg.beam_size), ("--target_seq_length", cfg.target_seq_length),
+                    ("--top_size", cfg.top_size)):
+        if v < 1:
+            raise SystemExit(f"{flag} {v}: must be >= 1")
+    files = _image_files(args.images)
+    arith = _image_files(args.arith_images, "--arith_images")
+    if len(args.arith_weights) != len(arith):
+        raise SystemExit(f"--arith_images gives {len(arith)} images but --arith_weights {len(args.arith_weights)} "
+                         f"weights; give one weight per image (e.g. 1 1 -1)")
+    if len(args.arith_text_weights) != len(args.arith_texts):
+        raise SystemExit(f"--arith_texts gives {len(args.arith_texts)} texts but --arith_text_weights "
+                         f"{len(args.arith_text_weights)} weights; give one weight per text")
+    if not files and not arith and not args.arith_texts:
+        raise SystemExit("nothing to caption: pass --images FILE_OR_FOLDER ..., or an arithmetic target "
+                         "(--arith_images A B C --arith_weights 1 1 -1 and/or --arith_texts ... "
+                         "--arith_text_weights ...)")
+    _check_images(files, "--images")
+    _check_images(arith, "--arith_images")
+    if args.references:
+        check_file(args.references, "--references", "reference-captions JSON")
+        try:
+            refs = json.loads(Path(args.references).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SystemExit(f"--references {args.references}: not JSON ({e})") from None
+        if not isinstance(refs, dict):
+            raise SystemExit(f"--references {args.references}: expected {{image file name: [captions]}}, got "
+                             f"{type(refs).__name__}")
+        missing = [Path(f).name for f in files if Path(f).name not in refs]
+        if missing:
+            raise SystemExit(f"--references {args.references} has no references for {missing[:5]}; add them or "
+                             f"drop --references")
+    lm = Path(args.lm)
+    if lm.exists() and not (lm / "config.json").is_file():
+        raise SystemExit(f"--lm {lm}: folder without config.json; pass a folder written by save_pretrained or a "
+                         f"hub name (e.g. gpt2-medium)")
+    check_device(args.device)
+    check_out_file(args.out)
+    return cfg, files, arith
+
+
+def run(args) -> dict:
     from PIL import Image
     from rich.progress import track
 
+    from xclip.generation._cli import write_json
     from xclip.models.clip_backbone import build_clip
-    from xclip.utils.io import atomic_write_json
 
+    cfg, files, arith = check_inputs(args)
     torch.manual_seed(args.seed)
-    overrides = {k: getattr(args, k) for k in ZeroCapConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
-    cfg = ZeroCapConfig.for_task(args.task, **overrides)
-    files = _image_files(args.images)
-    if args.task == "arithmetic":
-        if not (args.arith_images or args.arith_texts):
-            raise SystemExit("--task arithmetic needs --arith-images and/or --arith-texts (with their weights)")
-    elif not files:
-        raise SystemExit("give at least one image file or folder to caption")
     clip = build_clip(args.backbone, args.pretrained, device=args.device)
     lm, tok = load_language_model(args.lm, args.device)
     zc = ZeroCap(clip, lm, tok, cfg)
@@ -394,36 +447,45 @@ def run_cli(args) -> dict:
         return torch.stack([clip.preprocess(Image.open(f).convert("RGB")) for f in paths]).to(args.device)
 
     results = []
-    if args.task == "arithmetic":
-        imgs = load(_image_files(args.arith_images)) if args.arith_images else None
+    summary = {"config": cfg.__dict__, "complete": False, "timing_s": zc.timing, "captions": results}
+    if arith or args.arith_texts:
+        imgs = load(arith) if arith else None
         target = zc.arithmetic_target(imgs, args.arith_weights, args.arith_texts, args.arith_text_weights)
         beams = zc.caption(target)
-        results.append({"target": {"images": args.arith_images, "weights": args.arith_weights,
+        results.append({"target": {"images": arith, "weights": args.arith_weights,
                                    "texts": args.arith_texts, "text_weights": args.arith_text_weights},
                         "caption": cfg.cond_text + beams[0].text, "beams": [b.__dict__ for b in beams]})
+        write_json(summary, args.out)  # each finished caption is on disk at once
     for f in track(files, description="ZeroCap"):
         img = load([f])
         beams = zc.caption(zc.image_target(img))
         best = cfg.cond_text + beams[0].text
         results.append({"image": f, "caption": best, "clip_s": float(clip_s(clip, img, [best])[0]),
                         "beams": [b.__dict__ for b in beams]})
-    summary = {"config": cfg.__dict__, "timing_s": dict(zc.timing), "captions": results}
+        write_json(summary, args.out)
+    summary["timing_s"] = dict(zc.timing)
     if files:
         summary["clip_s"] = sum(r["clip_s"] for r in results if "clip_s" in r) / len(files)
     if args.references:
         summary["reference_metrics"] = reference_metrics(results, args.references)
-    atomic_write_json(summary, args.out)
+    summary["complete"] = True
+    write_json(summary, args.out)
     if args.wandb:
         import wandb
 
-        from xclip.utils.wandb_setup import ensure_wandb_mode
+        from xclip.utils.wandb_setup import ensure_wandb_mode, log_images, wandb_image
 
         ensure_wandb_mode()
         run = wandb.init(project="xclip-zerocap", config=cfg.__dict__, job_type="caption")
         try:
+            shown = [r for r in results if "image" in r]
+            pictures = [Image.open(r["image"]).convert("RGB") for r in shown]  # pixels, not a path / placeholder
+            captions = [f"{r['caption']} (CLIP-S {r['clip_s']:.3f})" for r in shown]
             table = wandb.Table(columns=["image", "caption", "clip_s"],
-                                data=[[wandb.Image(r["image"]), r["caption"], r["clip_s"]] for r in results
-                                      if "image" in r])
+                                data=[[wandb_image(p, c), r["caption"], r["clip_s"]]
+                                      for p, c, r in zip(pictures, captions, shown)])
+            if pictures:  # the images with their captions also as a media panel (tables are artifacts in W&B)
+                log_images(run, "captions/images", pictures, captions=captions)
             run.log({"captions": table, **({"clip_s": summary["clip_s"]} if "clip_s" in summary else {})})
         finally:
             run.finish()
@@ -439,7 +501,9 @@ def reference_metrics(results: list[dict], references_json: str) -> dict:
 
     from torchmetrics.functional.text import bleu_score
 
-    refs = json.loads(Path(references_json).read_text())
+    from xclip.utils.io import read_json
+
+    refs = read_json(references_json, "--references file")
     preds, targets = [], []
     for r in results:
         if "image" not in r:
@@ -462,11 +526,11 @@ def reference_metrics(results: list[dict], references_json: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import argparse
+    import sys
 
-    p = argparse.ArgumentParser(description="ZeroCap captioning")
-    _add_arguments(p)
-    return run_cli(p.parse_args(argv))
+    from xclip import generate as cli
+
+    return cli.main(["zerocap", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

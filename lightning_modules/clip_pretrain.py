@@ -18,12 +18,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from xclip.datamodules.synthetic_world import SHAPES, class_prompts, word_prompt
 from xclip.models.clip_backbone import REPO_ROOT, build_clip
-from xclip.utils.io import atomic_torch_save, atomic_write_bytes, safe_torch_load
+from xclip.models.zero_shot import prompt_classifier
+from xclip.utils.io import atomic_torch_save, atomic_write_bytes, read_json, safe_torch_load
 
 MODEL_PREFIX = "clip.model."
 
@@ -104,7 +104,7 @@ class ClipPretrain(pl.LightningModule):
         labels = torch.cat(self._val["label"])  # [N]
         kinds = self._val["kind"]
         with torch.no_grad():
-            cls = zero_shot_classifier(self.clip, SHAPES)   # [C, D]
+            cls = prompt_classifier(self.clip, [class_prompts(s) for s in SHAPES])   # [C, D]
             pred = (img @ cls.t()).argmax(-1)
         for kind, name in (("object", "val/zero_shot_acc"), ("object_word", "val/object_word_acc")):
             m = torch.tensor([k == kind for k in kinds], device=img.device)
@@ -127,16 +127,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def zero_shot_classifier(clip, classnames=SHAPES, prompts_fn=class_prompts) -> torch.Tensor:
-    """[C, D] class embeddings: mean of the normalised prompt-ensemble embeddings, re-normalised."""
-    feats = []
-    for name in classnames:
-        e = clip.encode_text(clip.tokenize(prompts_fn(name)), normalize=True).mean(0)
-        feats.append(F.normalize(e, dim=-1))
-    return torch.stack(feats)
 
 
 class StepDelay(pl.Callback):
@@ -199,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--card_json", default=None, help="JSON file with extra card fields (metrics, wall time, ...)")
     e.add_argument("--fp32", action="store_true")
     args = p.parse_args(argv)
-    card = json.loads(Path(args.card_json).read_text()) if args.card_json else None
+    card = read_json(args.card_json, "--card_json file") if args.card_json else None
     out = export_clip_weights(args.ckpt, args.out, card=card, fp16=not args.fp32)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

@@ -6,22 +6,29 @@
 Only the prompt context is trained and saved.  Class names come from ``classnames`` / ``classnames_file`` or,
 when both are unset, from the datamodule (``trainer.datamodule.classnames``) at setup; they are then written into
 the checkpoint's hyperparameters so ``load_method_checkpoint`` rebuilds the same prompts.
+
+CoOp's released prompt files (``prompt_learner/model.pth.tar-N``) are read safely by
+``models.prompt_learner.read_dassl_prompt_checkpoint``: ``load_coop_prompt_checkpoint`` turns one into a CoOp module
+for evaluation, and ``init_ctx_from: PATH`` starts training from one.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 import math
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from xclip.lightning_modules.base import FrozenBackboneModule
-from xclip.models.prompt_learner import PromptLearner
+from xclip.models.prompt_learner import (DasslPromptCheckpoint, PromptLearner, check_prompt_file_backbone,
+                                         read_dassl_prompt_checkpoint)
 
 log = logging.getLogger(__name__)
+RELEVANCE_IMAGES = 4  # validation images whose relevance overlay goes to W&B each validation epoch
 
 
 def warmup_cosine_factor(epoch: int, lr: float, max_epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
@@ -31,6 +38,9 @@ def warmup_cosine_factor(epoch: int, lr: float, max_epochs: int, warmup_epochs: 
         return warmup_lr / lr
     t = epoch - warmup_epochs
     return 0.5 * (1.0 + math.cos(math.pi * min(t, max_epochs) / max(max_epochs, 1)))
+
+
+CLASS_TOKEN_POSITION_RE = re.compile(r"_ctp(end|middle|front)(?:/|$)")
 
 
 class CoOp(FrozenBackboneModule):
@@ -43,7 +53,11 @@ class CoOp(FrozenBackboneModule):
                  warmup_epochs: int = 1, warmup_lr: float = 1e-5,
                  expl_weight: float = 0.0, also_minimize: bool = True, expl_start_layer: int = 0,
                  expl_score: str = "logit", expl_chunk_size: int | None = None,
-                 log_relevance_every_n_epochs: int = 0):
+                 log_relevance_every_n_epochs: int = 0, init_ctx_from: str | None = None):
+        """``init_ctx_from``: a CoOp prompt file (``.../prompt_learner/model.pth.tar-N``) whose context starts the
+        training; it sets ``n_ctx`` and ``csc`` from the file's ctx shape (``ctx_init`` must then be empty), and
+        the file's SOS embedding must match the backbone's.  The checkpoint records the path under
+        ``_init_ctx_from`` (informational) and does not need the file again."""
         super().__init__(backbone, pretrained)
         if classnames_file and not classnames:
             path = Path(classnames_file)
@@ -57,16 +71,43 @@ class CoOp(FrozenBackboneModule):
         self.save_hyperparameters()
         self.hparams["classnames"] = list(classnames) if classnames else None
         self.prompt_learner: PromptLearner | None = None
+        self._init_prompt: DasslPromptCheckpoint | None = None
+        if init_ctx_from:
+            self._adopt_prompt_file(read_dassl_prompt_checkpoint(init_ctx_from))
         if classnames:
             self._build_prompts(classnames)
 
     # ---- prompts -------------------------------------------------------------------------------------------------
+    def _adopt_prompt_file(self, ckpt: DasslPromptCheckpoint) -> None:
+        """Take n_ctx / csc from a CoOp prompt file; its ctx is copied in when the prompts are built."""
+        h = self.hparams
+        if h.ctx_init:
+            raise ValueError(f"init_ctx_from={str(ckpt.path)!r} and ctx_init={h.ctx_init!r} both initialise the "
+                             f"context; give one of them.")
+        check_prompt_file_backbone(ckpt, self.backbone)
+        if (h.n_ctx, h.csc) != (ckpt.n_ctx, ckpt.csc):
+            log.info("init_ctx_from %s: n_ctx=%d csc=%s from the file (config said n_ctx=%s csc=%s)", ckpt.path,
+                     ckpt.n_ctx, ckpt.csc, h.n_ctx, h.csc)
+        self.hparams["n_ctx"], self.hparams["csc"] = ckpt.n_ctx, ckpt.csc
+        self.hparams["init_ctx_from"] = None  # consumed: a checkpoint of this run rebuilds without the file
+        self.hparams["_init_ctx_from"] = str(ckpt.path)
+        self._init_prompt = ckpt
+        log.info("CoOp context from %s (epoch %s, stored as %s): ctx %s", ckpt.path, ckpt.epoch,
+                 ckpt.stored_dtype, tuple(ckpt.ctx.shape))
+
     def _build_prompts(self, classnames: Sequence[str]) -> None:
         h = self.hparams
         self.prompt_learner = PromptLearner(self.backbone, list(classnames), n_ctx=h.n_ctx if not h.ctx_init else None,
                                             ctx_init=h.ctx_init, csc=h.csc,
                                             class_token_position=h.class_token_position).to(self.device)
         self.hparams["classnames"] = list(classnames)
+        if self._init_prompt is not None:
+            ctx = self._init_prompt.ctx
+            if ctx.shape != self.prompt_learner.ctx.shape:
+                raise ValueError(f"{self._init_prompt.path}: class-specific ctx {tuple(ctx.shape)} does not fit "
+                                 f"{len(classnames)} classes ({list(classnames)[:3]}...).")
+            with torch.no_grad():
+                self.prompt_learner.ctx.copy_(ctx.to(self.prompt_learner.ctx))
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -92,6 +133,8 @@ class CoOp(FrozenBackboneModule):
 
     def class_text_features(self, classnames: Sequence[str] | None = None) -> torch.Tensor:
         """[C, D] L2-normalised text features of the learned prompts for ``classnames`` (evaluation API)."""
+        if self.prompt_learner is None and classnames and self._init_prompt is not None:
+            self._build_prompts(classnames)  # a CoOp prompt file loaded without class names (evaluate.py)
         return self._prompts().text_features(classnames, normalize=True)
 
     @torch.no_grad()
@@ -141,6 +184,8 @@ class CoOp(FrozenBackboneModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            self._log_relevance_overlays(*batch)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -154,6 +199,46 @@ class CoOp(FrozenBackboneModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda e: warmup_cosine_factor(e, h.lr, max_epochs, h.warmup_epochs, h.warmup_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- relevance pictures in W&B (validation) -----------------------------------------------------------------
+    def _log_relevance_overlays(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """W&B: Chefer image relevance of the first RELEVANCE_IMAGES validation images for their true class's
+        learned prompt, overlaid on the image (models/relevance_viz.py), captioned with the true / predicted class."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not self.trainer.is_global_zero:
+            return
+        try:
+            pictures, captions = self.relevance_overlays(images[:RELEVANCE_IMAGES], labels[:RELEVANCE_IMAGES])
+            from xclip.utils.wandb_setup import log_images
+
+            log_images(loggers, "val/relevance", pictures, captions=captions)
+        except Exception as e:  # visualisation must never kill a run
+            log.warning("relevance overlays skipped: %s: %s", type(e).__name__, e)
+
+    def relevance_overlays(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[list, list[str]]:
+        """([B, 3, H, W] CLIP-normalised, [B]) -> (B PIL overlays of the image relevance for the true class's
+        prompt, B captions "true: ... | pred: ...").  Runs with gradients also inside Lightning's inference mode."""
+        from xclip.models.relevance import image_relevance, patch_grid
+        from xclip.models.relevance_viz import overlay_relevance
+
+        pl_ = self._prompts()
+        with torch.inference_mode(False), torch.enable_grad():
+            x, y = images.detach().clone(), labels.detach().clone()  # inference tensors cannot enter autograd
+            text = self.class_text_features().detach().clone()  # [C, D]
+            logits = self.backbone.logit_scale.detach() * self.image_features(x) @ text.T  # [B, C]
+            rel = image_relevance(self.backbone, x, text_features=text[y])  # [B, B, N]
+        idx = torch.arange(len(y), device=rel.device)
+        maps = rel[idx, idx].reshape(len(y), *patch_grid(self.backbone)).float().cpu()  # [B, h, w]
+        mean = torch.tensor(self.backbone.mean).view(3, 1, 1)
+        std = torch.tensor(self.backbone.std).view(3, 1, 1)
+        pixels = (x.detach().float().cpu() * std + mean).clamp(0, 1)  # [B, 3, H, W] in [0, 1]
+        pred = logits.argmax(-1).tolist()
+        names = pl_.classnames
+        pictures = [overlay_relevance(pixels[i], maps[i]) for i in range(len(y))]
+        captions = [f"true: {names[int(y[i])]} | pred: {names[pred[i]]}" for i in range(len(y))]
+        return pictures, captions
 
     # ---- optional relevance visualisation ------------------------------------------------------------------------
     def on_train_epoch_end(self) -> None:
@@ -185,3 +270,38 @@ class CoOp(FrozenBackboneModule):
         scores = classname_scores(rel.detach(), eot, pl_.name_mask)  # [b, C]
         rows = [[int(y), pl_.classnames[int(y)], float(scores[i, y])] for i, y in enumerate(labels)]
         loggers[0].log_table("coop/classname_relevance", columns=["label", "class", "gt_score"], data=rows)
+
+
+def load_coop_prompt_checkpoint(path: str | Path, backbone: str, pretrained: str | None,
+                                classnames: Sequence[str] | None = None,
+                                class_token_position: Literal["end", "middle", "front"] | None = None,
+                                map_location: str | torch.device = "cpu") -> CoOp:
+    """A CoOp module (eval mode) holding the context of CoOp's released prompt file ``path``.
+
+    The file records neither the backbone nor the class names (CoOp drops its token_prefix/suffix on load and
+    rebuilds them from the current class names): give the CLIP it was trained on (``ViT-B-32``/``openai`` for
+    ``vit_b32_*`` folders...; a wrong one fails on the SOS-embedding check).  ``classnames`` may stay None for a
+    generic context (the prompts are built for whatever names ``class_text_features`` gets); a class-specific
+    one needs the training classes in order.  ``class_token_position`` None reads CoOp's ``_ctp<pos>`` folder
+    name (``nctx16_cscFalse_ctpend``) and falls back to ``end``.
+    """
+    if not backbone:
+        raise ValueError(f"{path} is a CoOp prompt file, which does not record its CLIP: give the backbone and "
+                         f"pretrained tag it was trained with (e.g. --backbone ViT-B-32 --pretrained openai).")
+    if class_token_position is None:
+        m = CLASS_TOKEN_POSITION_RE.search(Path(path).resolve().as_posix())
+        class_token_position = m.group(1) if m else "end"
+        log.info("class_token_position=%s (%s)", class_token_position,
+                 "from the folder name" if m else "CoOp's default; the file does not record it")
+    ckpt = read_dassl_prompt_checkpoint(path)
+    if classnames is None and ckpt.csc:
+        raise ValueError(f"{path} holds class-specific contexts for {ckpt.n_cls} classes: give their class names "
+                         f"in training order.")
+    if classnames is not None and ckpt.n_cls is not None and len(classnames) != ckpt.n_cls:
+        log.info("%s was trained on %d classes; prompting %d class names", path, ckpt.n_cls, len(classnames))
+    module = CoOp(backbone, pretrained, classnames=None, n_ctx=ckpt.n_ctx, csc=ckpt.csc,
+                  class_token_position=class_token_position)
+    module._adopt_prompt_file(ckpt)
+    if classnames:
+        module._build_prompts(list(classnames))
+    return module.to(map_location).eval()

@@ -220,7 +220,8 @@ class SpellingProjection(FrozenBackboneModule):
                                     "pairs": {n: list(p) for n, p in PAIRS.items()}}
 
 
-def load_projection(path: str | Path, expected_backbone: dict | None = None) -> torch.Tensor:
+def load_projection(path: str | Path, expected_backbone: dict | None = None,
+                    expected_dim: int | None = None) -> torch.Tensor:
     """W [k, d] from a SpellingProjection checkpoint (or a raw {'W': tensor} file of the released code).
 
     ``expected_backbone``: the backbone spec ({"name", "pretrained"}) the projection will be applied to; a
@@ -248,6 +249,9 @@ def load_projection(path: str | Path, expected_backbone: dict | None = None) -> 
     d = meta.get("d")
     if d is not None and W.shape[1] != d and W.shape[0] == d:
         W = W.t()
+    if expected_dim is not None and W.shape[1] != expected_dim:
+        raise ValueError(f"{path}: projection W has shape {tuple(W.shape)}; expected [k, {expected_dim}] for the "
+                         f"{expected_dim}-d embeddings of the backbone it is applied to.")
     return W.detach().float().contiguous()
 
 

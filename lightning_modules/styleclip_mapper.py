@@ -26,6 +26,7 @@ from xclip.models.arcface import load_arcface
 from xclip.models.mapper import RESIDUAL_SCALE, LevelsMapper
 from xclip.models.stylegan2 import build_generator
 from xclip.utils.optim import Ranger
+from xclip.utils.wandb_setup import log_images
 
 NOT_CHECKPOINTED = ("generator.", "id_loss.")
 OPTIMIZERS = ("ranger", "adam")
@@ -128,9 +129,9 @@ class StyleCLIPMapperModule(FrozenBackboneModule):
 
         n = min(self.hparams.n_log_images, x.shape[0])
         pairs = torch.stack([x[:n], x_hat[:n]], 1).flatten(0, 1).detach().float().cpu()  # [2n, 3, H, W]
-        grid = make_grid(pairs.clamp(-1, 1).add(1).div(2), nrow=2)
-        self.logger.log_image(key=key, images=[grid], caption=[f"before | after: {self.hparams.description}"],
-                              step=self.global_step)
+        grid = make_grid(pairs.clamp(-1, 1).add(1).div(2), nrow=2)  # [3, H', W'] in [0, 1]
+        log_images(self.logger, key, [grid], captions=[f"before | after: {self.hparams.description}"],
+                   step=self.global_step)  # -> uint8 (wandb would cast the [0, 1] floats to 0 = black)
 
     def configure_optimizers(self):
         params = list(self.mapper.parameters())

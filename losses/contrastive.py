@@ -9,6 +9,10 @@ Reference: shared/reference/disentangle.md sections 3.2-3.5.
 * ``PRESETS``: loss-weight subsets (3.5). ``learn_to_spell`` = written-word pairs {L3, L4, L5};
   ``forget_to_spell`` = visual-concept pairs {L1, L2, L6} (the figure's colour coding). The review's subsets
   (spell: L1, L3, L4, L5; forget: L1, L2, L5, L6) are kept as ``*_review`` presets because they are UNVERIFIED.
+  The signed forms, as the paper states the loss (issue 17 §5): ``learn_to_spell_signed`` = -L1 - L2 - L6 + L3 + L4
+  + L5 and ``forget_to_spell_signed`` = L1 + L2 + L6 - L3 - L4 - L5 (+ gamma R(W) via ``reg`` in both); their
+  ablations keep L1, L3, L4, L5 (learn: -L1 + L3 + L4 + L5) and L1, L2, L5, L6 (forget: L1 + L2 - L5 + L6) as
+  ``*_signed_ablation``. A negative weight *maximises* that InfoNCE term (bounded: cosine logits are capped).
 """
 from __future__ import annotations
 
@@ -36,6 +40,10 @@ PRESETS: dict[str, dict[str, float]] = {
     "forget_to_spell": {"L1": 1.0, "L2": 1.0, "L6": 1.0},
     "learn_to_spell_review": {"L1": 1.0, "L3": 1.0, "L4": 1.0, "L5": 1.0},
     "forget_to_spell_review": {"L1": 1.0, "L2": 1.0, "L5": 1.0, "L6": 1.0},
+    "learn_to_spell_signed": {"L1": -1.0, "L2": -1.0, "L3": 1.0, "L4": 1.0, "L5": 1.0, "L6": -1.0},
+    "forget_to_spell_signed": {"L1": 1.0, "L2": 1.0, "L3": -1.0, "L4": -1.0, "L5": -1.0, "L6": 1.0},
+    "learn_to_spell_signed_ablation": {"L1": -1.0, "L3": 1.0, "L4": 1.0, "L5": 1.0},
+    "forget_to_spell_signed_ablation": {"L1": 1.0, "L2": 1.0, "L5": -1.0, "L6": 1.0},
 }
 
 

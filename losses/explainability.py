@@ -10,7 +10,8 @@ G = dy/dA a constant and A attached (``create_graph=False``, as the anchor), com
 Deliberate deviations from the anchor (spec §3.5): the image features are computed once per image (the anchor
 pushes each image through the image tower K times: identical gradients, §1.8); all images share one text forward
 (B backward passes instead of B text forwards); lambda is a plain argument (no ``.module`` crash on one GPU);
-the loss is the same in fp32 and mixed precision (R is accumulated in fp32); ``to_minimize`` is not an alias of the
+the loss is the same in fp32 and mixed precision (the relevance pass runs with autocast off: text forward,
+G and the accumulation of R in fp32; tests/test_gpu.py checks 16-mixed / bf16-mixed against fp32); ``to_minimize`` is not an alias of the
 ground-truth scores (no in-place edit).  Chunking over classes (``chunk_size``) bounds memory exactly: the loss is
 a sum over classes, so each chunk's gradient w.r.t. the learned parameters is taken and freed in turn.
 """
@@ -22,6 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from xclip.models.relevance import normalise_token_relevance, text_relevance_from_embeddings
+
+
+def _fp32(like: torch.Tensor):
+    """Autocast off on ``like``'s device: under ``16-mixed`` / ``bf16-mixed`` the relevance pass (its text forward,
+    G = dy/dA and the rollout products, which autocast would run in half precision even on fp32 accumulators) is
+    computed in fp32, so the loss and its gradient equal the fp32 run up to the image features' rounding."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
 
 
 def classname_scores(relevance: torch.Tensor, eot_index: torch.Tensor, name_mask: torch.Tensor) -> torch.Tensor:
@@ -65,11 +73,13 @@ def coop_expl_loss(backbone, image_features: torch.Tensor, embeds: torch.Tensor,
     ``params`` (the learned tensors, e.g. the prompt context) is taken and the chunk's graph freed; the returned loss
     is a surrogate with the exact value and exactly that gradient; text features are None (encode them for CE).
     """
-    image_features = image_features.detach()
+    image_features = image_features.detach().float()
+    embeds = embeds.float()  # prompt parameters are fp32; an fp16/bf16 copy would quantise the learned context
     C = embeds.shape[0]
     if not chunk_size or chunk_size >= C:
-        rel, text_feats = text_relevance_from_embeddings(backbone, image_features, embeds, eot_index,
-                                                         start_layer=start_layer, create_graph=False, score=score)
+        with _fp32(embeds):
+            rel, text_feats = text_relevance_from_embeddings(backbone, image_features, embeds, eot_index,
+                                                             start_layer=start_layer, create_graph=False, score=score)
         scores = classname_scores(rel, eot_index, name_mask)  # [B, C]
         return ntlb_expl_loss(scores, labels, also_minimize), scores.detach(), text_feats
     params = [p for p in params if p.requires_grad]
@@ -80,8 +90,9 @@ def coop_expl_loss(backbone, image_features: torch.Tensor, embeds: torch.Tensor,
     all_scores = []
     for lo in range(0, C, chunk_size):
         hi = min(lo + chunk_size, C)
-        rel, _ = text_relevance_from_embeddings(backbone, image_features, embeds[lo:hi], eot_index[lo:hi],
-                                                start_layer=start_layer, create_graph=False, score=score)
+        with _fp32(embeds):
+            rel, _ = text_relevance_from_embeddings(backbone, image_features, embeds[lo:hi], eot_index[lo:hi],
+                                                    start_layer=start_layer, create_graph=False, score=score)
         scores = classname_scores(rel, eot_index[lo:hi], name_mask[lo:hi])  # [B, c]
         part = _chunk_loss(scores, labels, lo, C, also_minimize)
         for g, d in zip(grads, torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)):

@@ -669,8 +669,9 @@ def text_relevance(backbone, images: torch.Tensor, tokens: torch.Tensor, *, star
     A view of ``relevance(..., towers=("text",))``.
     ``y = logit_scale.exp() * cos(image_b, text_c)`` by default (as T's notebook, CoOp loss, StyleCLIP EGCLIPLoss);
     ``score="cosine"`` uses the raw cosine (FuseDream explainability_loss).  The scale is not a no-op: it changes the
-    mix of first- and higher-order terms of R (spec §1.3).  start_layer=0 uses all text layers (NTLB's choice);
-    negative values count from the end (-1 = last layer only).
+    mix of first- and higher-order terms of R (spec §1.3).  start_layer=0 uses all text layers (NTLB's choice for
+    its losses); Chefer's CLIP notebook (HEAD) uses the last text layer only: pass start_layer=-1 to match it.
+    Negative values count from the end (-1 = last layer only).
     create_graph=False returns a result whose graph reaches the text token embeddings only through A (the image
     features are detached); create_graph=True keeps G differentiable so gradients also reach the image pixels.
     For plain visualisation call ``.detach()`` on the result.

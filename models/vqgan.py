@@ -16,7 +16,6 @@ single-head over H*W), Downsample = pad (0,1,0,1) + 3x3 stride-2 conv, Upsample 
 from __future__ import annotations
 
 import io
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -370,83 +369,59 @@ def vqgan_from_config(cfg: dict[str, Any], source: str = "<dict>") -> VQGAN:
 
 
 def load_vqgan_config(path: str | Path) -> dict[str, Any]:
-    import yaml
+    from xclip.utils.io import read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQGAN config yaml not found: {path}")
     try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise VQGANConfigError(f"{path}: not valid YAML: {e}") from e
+        cfg = read_yaml(path, "VQGAN config yaml")
+    except ValueError as e:
+        raise VQGANConfigError(str(e)) from e
     return cfg
 
 
-class _Stub:
-    """Placeholder for any class a checkpoint pickles that is not a tensor building block
-    (e.g. the pytorch_lightning ModelCheckpoint callback key); it never runs code."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
+class _InertClass:
+    """Stands in for a class that real taming checkpoints pickle by reference only (the Lightning callback class
+    used as the key of ``callbacks``); it has no behaviour, so nothing of the original class runs."""
 
 
-_ALLOWED_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "int", "float", "bool", "str", "bytes",
-                     "slice", "complex", "bytearray", "object"}
+def _inert(qualified: str) -> tuple[type, str]:
+    module, _, name = qualified.rpartition(".")
+    return type(name, (_InertClass,), {"__module__": f"inert.{module}"}), qualified
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Resolves only torch rebuild helpers / storages, collections and numpy arrays; everything else
-    (lightning callbacks, argparse Namespaces, ...) becomes an inert stub class."""
+def taming_safe_globals() -> list[Any]:
+    """Exactly the non-tensor globals real taming ckpts pickle, for ``torch.load(weights_only=True)``.
 
-    def find_class(self, module: str, name: str):  # noqa: D401
-        if _allowed_global(module, name):
-            return super().find_class(module, name)
-        return type(name, (_Stub,), {"__module__": f"stub.{module}"})
+    Everything else (os.system, builtins.eval, dotted names such as ``_rebuild_tensor.__builtins__``, any other
+    class) is refused by torch's weights-only unpickler, which matches these names exactly.
+    """
+    import argparse
 
+    from xclip.utils.io import numpy_safe_globals
 
-def _allowed_global(module: str, name: str) -> bool:
-    """Tensor-building globals only: torch rebuild helpers, storages, dtypes, OrderedDict, numpy arrays."""
-    if module == "builtins":
-        return name in _ALLOWED_BUILTINS
-    if module == "torch":
-        return name in ("Size", "device") or name.endswith("Storage") or \
-            isinstance(getattr(torch, name, None), torch.dtype)
-    if module in ("torch._utils", "torch._tensor", "torch.nn.parameter", "torch.storage"):
-        return name.startswith("_rebuild") or name in ("Parameter", "UntypedStorage", "TypedStorage")
-    if module == "collections":
-        return name == "OrderedDict"
-    if module == "_codecs":
-        return name == "encode"
-    if module.split(".")[0] == "numpy":
-        return name in ("dtype", "ndarray", "_reconstruct", "scalar") or module == "numpy.dtypes"
-    return False
-
-
-class _SafePickleModule:
-    Unpickler = _SafeUnpickler
-    load = staticmethod(lambda f, **kw: _SafeUnpickler(f, **kw).load())
-    __name__ = "vqgan_safe_pickle"
+    callbacks = [f"{pkg}.callbacks.{mod}.{cls}" for pkg in ("pytorch_lightning", "lightning.pytorch")
+                 for mod, cls in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping"))]
+    return [*(_inert(c) for c in callbacks), argparse.Namespace, *numpy_safe_globals()]
 
 
 def load_taming_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a taming ckpt, read with weights_only=True; if that refuses the file (real taming
-    ckpts pickle a lightning ``ModelCheckpoint`` class as a callbacks key), fall back to an unpickler that
-    resolves only torch/collections/numpy and turns every other class into an inert stub (no code runs)."""
+    """The ``state_dict`` of a taming ckpt, read with ``torch.load(weights_only=True)``; the only extra globals
+    allowed are those real taming ckpts hold (``taming_safe_globals``: the Lightning ``ModelCheckpoint`` class
+    as a callbacks key, an argparse Namespace of hparams, numpy scalars). Anything else is refused, naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQGAN checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SafePickleModule)
-        except Exception as e:
-            raise VQGANConfigError(f"Could not read VQGAN checkpoint {path}: {type(e).__name__}: {e}") from e
+        with torch.serialization.safe_globals(taming_safe_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise VQGANConfigError(f"Could not read VQGAN checkpoint {path}: {type(e).__name__}: {e}") from e
+        msg = str(e)
+        detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln or "global" in ln.lower()),
+                      msg.splitlines()[0] if msg else "")
+        raise VQGANConfigError(f"Could not read VQGAN checkpoint {path} (truncated, not a torch file, or it holds "
+                               f"objects other than tensors): {type(e).__name__}: {detail[:400]}") from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VQGANConfigError(f"{path} holds no tensor state dict (expected a dict with 'state_dict').")

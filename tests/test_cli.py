@@ -38,7 +38,7 @@ def test_fit_writes_slim_checkpoint_that_evaluate_can_rebuild(toy_config, tmp_pa
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert set(ckpt["state_dict"]) == {"W"}  # the frozen CLIP is not saved
     assert ckpt["backbone"] == {"name": "tiny-vit-test", "pretrained": None}
-    assert ckpt["method"] == "_toy_methods.ToyProjection"
+    assert ckpt["method"] == "ToyProjection"  # a name looked up in code, never an import path
     module = load_method_checkpoint(ckpt_path, expected=ToyProjection)
     assert torch.equal(module.W, cli.model.W.detach())
     assert (tmp_path / "run" / "config.yaml").is_file()  # resolved config saved beside the run
@@ -84,11 +84,15 @@ def test_print_config(toy_config, capsys):
     assert "ToyProjection" in capsys.readouterr().out
 
 
-def test_evaluate_unknown_suite_lists_valid_ones():
+def test_evaluate_unknown_suite_lists_valid_ones(capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--backbone", "tiny-vit-test", "--suite", "nonexistent_suite"])
-    msg = str(e.value.code)
-    assert "nonexistent_suite" in msg and "valid suites" in msg
+    assert e.value.code == 2
+    msg = capsys.readouterr().err
+    assert "nonexistent_suite" in msg and all(name in msg for name in evaluate.SUITE_TABLE)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--backbone", "tiny-vit-test"])
+    assert "valid suites" in str(e.value.code) and "world" in str(e.value.code)
 
 
 def test_wandb_falls_back_to_offline(monkeypatch, tmp_path):

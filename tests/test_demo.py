@@ -13,13 +13,44 @@ SHIPPED = SHIPPED_WEIGHTS[("tiny-vit-world", "synthetic-world")]
 def test_demo_smoke(tmp_path):
     from xclip import demo
 
-    res = demo.main(["--out", str(tmp_path), "--pretrained", "none", "--fast", "--no-wandb",
-                     "--n-train", "64", "--n-val", "32", "--n-attack", "20", "--epochs", "1"])
+    res = demo.main(["--out", str(tmp_path), "--pretrained", "none", "--fast", "true", "--wandb", "false",
+                     "--n_train", "64", "--n_val", "32", "--n_attack", "20", "--epochs", "1"])
     for f in ("results.json", "results.png", "forget_to_spell.ckpt"):
         assert (tmp_path / f).is_file()
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)
     assert set(saved["summary"]) >= {"clean_before", "clean_after", "attacked_before", "attacked_after"}
     assert 0 <= res["typographic"]["projected/attacked_acc"] <= 100
+    assert len(saved["val_clip"]) > 0 and saved["train_argv"][:2] == ["fit", "--config"]
+
+
+def test_demo_trains_the_packaged_train_config(tmp_path, monkeypatch):
+    """demo = `xclip train fit --config <package>/configs/spelling/forget_to_spell_world.yaml` + output overrides:
+    every model/data/trainer setting of the train config reaches the demo's run unchanged (no hand-built copy)."""
+    import yaml
+
+    from xclip import demo, train
+
+    monkeypatch.chdir(tmp_path)  # found relative to the package, not the working directory
+    args = demo.parse_args(["--out", str(tmp_path / "o"), "--wandb", "false"])
+    argv = demo.train_argv(args)
+    cfg_path = demo.package_configs() / "spelling" / "forget_to_spell_world.yaml"
+    assert argv[:3] == ["fit", "--config", str(cfg_path)] and cfg_path.is_file()
+    cli = train.main(argv[1:], run=False)
+    want = yaml.safe_load(cfg_path.read_text())
+    for key, value in want["model"]["init_args"].items():
+        assert cli.model.hparams[key] == value, key
+    for key, value in want["data"]["init_args"].items():
+        if key != "cache_dir":
+            assert cli.datamodule.hparams[key] == value, key
+    assert cli.datamodule.hparams["cache_dir"] == str(tmp_path / "o" / "cache")
+    assert cli.trainer.max_epochs == want["trainer"]["max_epochs"]
+    assert cli.trainer.check_val_every_n_epoch == want["trainer"]["check_val_every_n_epoch"]
+    assert cli.trainer.default_root_dir == str(tmp_path / "o")
+    assert cli.config["seed_everything"] == want["seed_everything"]
+    fast = demo.train_argv(demo.parse_args(["--out", "o", "--fast", "true", "--epochs", "2", "--wandb", "false"]))
+    assert "--data.init_args.n_train=256" in fast and "--trainer.max_epochs=2" in fast  # explicit beats --fast
+    signed = demo.train_argv(demo.parse_args(["--preset", "forget_to_spell_signed", "--wandb", "false"]))
+    assert "--model.init_args.preset=forget_to_spell_signed" in signed
 
 
 @pytest.mark.slow
@@ -27,7 +58,7 @@ def test_demo_smoke(tmp_path):
 def test_demo_forget_to_spell_fixes_typographic_attacks(tmp_path):
     from xclip import demo
 
-    res = demo.main(["--out", str(tmp_path), "--no-wandb"])
+    res = demo.main(["--out", str(tmp_path), "--wandb", "false"])
     s = res["summary"]
     assert s["attacked_after"] - s["attacked_before"] >= 15, s
     assert s["clean_before"] - s["clean_after"] <= 5, s
@@ -45,10 +76,12 @@ def test_direction_on_shipped_backbone(tmp_path):
 
     from xclip.lightning_modules.spelling import SpellingProjection, evaluate_features, fit_on_features
 
-    args = demo.parse_args(["--out", str(tmp_path), "--n-train", "1000", "--n-val", "300"])
+    from xclip import train
+
+    args = demo.parse_args(["--out", str(tmp_path), "--n_train", "1000", "--n_val", "300", "--wandb", "false"])
     module = SpellingProjection("tiny-vit-world", "synthetic-world", k=64, preset="forget_to_spell", lr=3e-3,
                                 scale=10.0, class_aware_negatives=True)
-    dm = demo.world_datamodule(args, tmp_path)
+    dm = train.main(demo.train_argv(args)[1:], run=False).datamodule  # the demo's datamodule, from its config
     dm.hparams.encoder, dm.hparams.encoder_pretrained = "tiny-vit-world", "synthetic-world"
     dm.setup("fit")
     base = evaluate_features(dm.val_features, None)

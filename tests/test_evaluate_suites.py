@@ -25,10 +25,11 @@ def _solid(colour, size=40):
     return Image.new("RGB", (size, size), colour)
 
 
-def test_unknown_suite_lists_valid_suites():
+def test_unknown_suite_lists_valid_suites(capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--suite", "nonexistent"])
-    msg = str(e.value)
+    assert e.value.code == 2
+    msg = capsys.readouterr().err
     assert "nonexistent" in msg
     for s in ("retrieval", "ocr_iiit5k", "typographic", "text_in_image", "saliency_prf", "detection_ap"):
         assert s in msg
@@ -50,8 +51,8 @@ def _write_real_typo(root, clean_too=True):
 
 def test_typographic_real_layout_runs_and_counts(tmp_path):
     _write_real_typo(tmp_path / "typo")
-    r = _run(tmp_path, "--suite", "typographic", "--typographic-source", "real",
-             "--typographic-data", str(tmp_path / "typo"))["typographic"]
+    r = _run(tmp_path, "--suite", "typographic", "--typographic.source", "real",
+             "--typographic.data", str(tmp_path / "typo"))["typographic"]
     assert (r["n_clean"], r["n_attacked"], r["n_candidates"]) == (2, 2, 3)  # cup, dog, good
     for k in ("clean_accuracy", "attacked_accuracy", "attack_success_rate"):
         assert 0.0 <= r[k] <= 1.0
@@ -60,12 +61,12 @@ def test_typographic_real_layout_runs_and_counts(tmp_path):
 
 def test_typographic_errors_name_the_layout(tmp_path):
     (tmp_path / "typo").mkdir()
-    with pytest.raises(FileNotFoundError, match="annotations.json"):
-        _run(tmp_path, "--suite", "typographic", "--typographic-source", "real",
-             "--typographic-data", str(tmp_path / "typo"))
-    with pytest.raises(FileNotFoundError, match="<class name>"):
-        _run(tmp_path, "--suite", "typographic", "--typographic-source", "imagefolder",
-             "--typographic-data", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit, match="annotations.json"):   # checked before any work
+        _run(tmp_path, "--suite", "typographic", "--typographic.source", "real",
+             "--typographic.data", str(tmp_path / "typo"))
+    with pytest.raises(SystemExit, match="<class name>"):
+        _run(tmp_path, "--suite", "typographic", "--typographic.source", "imagefolder",
+             "--typographic.data", str(tmp_path / "missing"))
 
 
 def test_typographic_scoring_oracle_features():
@@ -92,11 +93,11 @@ def test_typographic_imagefolder_with_projection(tmp_path, tiny_backbone):
         (tmp_path / cls).mkdir()
         for i in range(2):
             _solid(colour, 64).save(tmp_path / cls / f"{i}.png")
-    args = evaluate.build_parser(evaluate.discover_suites()).parse_args(
-        ["--typographic-source", "imagefolder", "--typographic-data", str(tmp_path)])
+    parser = evaluate.build_parser()
+    cfg = parser.parse_args(["--typographic.source", "imagefolder", "--typographic.data", str(tmp_path)])
     W = torch.nn.init.orthogonal_(torch.empty(16, tiny_backbone.embed_dim))
     model = EvalModel(tiny_backbone, projection=W)
-    r = typographic.run(model, args)
+    r = typographic.run(model, parser.instantiate(cfg).typographic)
     assert (r["n_clean"], r["n_attacked"], r["n_candidates"]) == (4, 4, 2)
     assert model.encode_texts(["x"]).shape == (1, 16)
     assert [row[0] for row in r["tables"]["per_attack_word"]["data"]] == ["apple", "sky"]
@@ -104,7 +105,7 @@ def test_typographic_imagefolder_with_projection(tmp_path, tiny_backbone):
 
 @pytest.mark.slow
 def test_typographic_world_source(tmp_path):
-    r = _run(tmp_path, "--suite", "typographic", "--typographic-source", "world", "--typographic-n", "20")
+    r = _run(tmp_path, "--suite", "typographic", "--typographic.source", "world", "--typographic.n", "20")
     assert (r["typographic"]["n_clean"], r["typographic"]["n_attacked"]) == (20, 20)
 
 
@@ -120,8 +121,8 @@ def test_retrieval_suite_on_image_folder(tmp_path):
         for i, (c, colour) in enumerate((("a red square", "red"), ("a blue square", "blue"))):
             _solid(colour).save(cap / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n")
-    r = _run(tmp_path, "--suite", "retrieval", "--retrieval-source", str(tmp_path / "imgs"), "--retrieval-n", "12",
-             "--retrieval-canvas", "64", "--retrieval-captions", str(cap))["retrieval"]
+    r = _run(tmp_path, "--suite", "retrieval", "--retrieval.source", str(tmp_path / "imgs"), "--retrieval.n", "12",
+             "--retrieval.canvas", "64", "--retrieval.captions", str(cap))["retrieval"]
     assert r["n"] == 12 and r["real/n"] + r["fake/n"] == 12 and r["captions/n"] == 2
     keys = [k for k in r if k.startswith(("real/", "fake/")) and "top" in k]
     tasks = {k.split("/")[1] for k in keys}
@@ -141,7 +142,7 @@ def test_ocr_iiit5k_local_layout(tmp_path):
         small = [w] + [x for x in words if x != w][:2]
         samples.append((img, w, small, words + ["EXTRA"]))
     write_iiit5k_folder(tmp_path / "IIIT5K", samples)
-    r = _run(tmp_path, "--suite", "ocr_iiit5k", "--ocr-iiit5k-root", str(tmp_path))["ocr_iiit5k"]
+    r = _run(tmp_path, "--suite", "ocr_iiit5k", "--ocr_iiit5k.root", str(tmp_path))["ocr_iiit5k"]
     assert r["n_images"] == 4 and r["n_full_words"] == 4 and r["label_in_small"] == 1.0
     for k in ("accuracy_small", "accuracy_1k", "accuracy_full"):
         assert r[k] in (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -164,8 +165,8 @@ def test_ocr_lexicon_scoring_perfect_and_mix():
 
 def test_ocr_iiit5k_missing_layout_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="testdata.mat"):
-        _run(tmp_path, "--suite", "ocr_iiit5k", "--ocr-iiit5k-root", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="testdata.mat"):
+        _run(tmp_path, "--suite", "ocr_iiit5k", "--ocr_iiit5k.root", str(tmp_path / "empty"))
 
 
 # ---- saliency -------------------------------------------------------------------------------------------
@@ -175,19 +176,20 @@ def test_saliency_prf_suite_perfect_and_mix(tmp_path):
     boxes = torch.tensor([[8.0, 8.0, 24.0, 24.0], [0.0, 0.0, 16.0, 32.0]])
     maps = boxes_to_masks(boxes, 32, 32).float()[:, ::4, ::4] + 0.01 * torch.rand(2, 8, 8)  # 8x8 maps
     torch.save({"maps": maps, "boxes": boxes, "image_size": [32, 32], "texts": ["a", "b"]}, tmp_path / "m.pt")
-    r = _run(tmp_path, "--suite", "saliency_prf", "--saliency-prf-file", str(tmp_path / "m.pt"))["saliency_prf"]
+    r = _run(tmp_path, "--suite", "saliency_prf", "--saliency_prf.file", str(tmp_path / "m.pt"))["saliency_prf"]
     assert r["precision"] > 0.85 and r["recall"] > 0.85 and r["n_pairs"] == 2
     exact = boxes_to_masks(boxes, 32, 32)
     left = torch.zeros(1, 32, 32)
     left[0, :, :16] = 1
     torch.save({"maps": torch.cat([exact[:1].float(), left]), "masks": torch.cat([exact[:1], exact[:1]])},
                tmp_path / "m2.pt")
-    r = _run(tmp_path, "--suite", "saliency_prf", "--saliency-prf-file", str(tmp_path / "m2.pt"))["saliency_prf"]
+    r = _run(tmp_path, "--suite", "saliency_prf", "--saliency_prf.file", str(tmp_path / "m2.pt"))["saliency_prf"]
     # pair 1 perfect; pair 2: left half (512 px) vs box 8..24 (256 px, 128 inside) -> P 0.25, R 0.5
     assert r["precision"] == pytest.approx((1 + 0.25) / 2) and r["recall"] == pytest.approx((1 + 0.5) / 2)
     torch.save({"maps": maps}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="'boxes'"):
-        _run(tmp_path, "--suite", "saliency_prf", "--saliency-prf-file", str(tmp_path / "bad.pt"))
+    with pytest.raises(SystemExit, match="saliency_prf: .*'boxes'"):
+        _run(tmp_path, "--suite", "saliency_prf", "--saliency_prf.file", str(tmp_path / "bad.pt"))
+    assert "'boxes'" in json.loads((tmp_path / "res.json").read_text())["suites"]["saliency_prf"]["error"]
 
 
 # ---- text in image --------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def _write_text_folder(root):
 
 def test_text_in_image_rates(tmp_path):
     _write_text_folder(tmp_path / "gen")
-    r = _run(tmp_path, "--suite", "text_in_image", "--text-in-image-dir", str(tmp_path / "gen"))["text_in_image"]
+    r = _run(tmp_path, "--suite", "text_in_image", "--text_in_image.dir", str(tmp_path / "gen"))["text_in_image"]
     assert r["all/n"] == 4 and r["real/n"] == 2
     assert r["all/rate@0"] == 0.5 and r["real/rate@0"] == 0.5 and r["fake/rate@0"] == 0.5
 
@@ -213,8 +215,8 @@ def test_text_in_image_missing_tesseract_names_apt_package(tmp_path, monkeypatch
 
     _write_text_folder(tmp_path / "gen")
     monkeypatch.setattr(tii.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="apt-get install tesseract-ocr"):
-        _run(tmp_path, "--suite", "text_in_image", "--text-in-image-dir", str(tmp_path / "gen"))
+    with pytest.raises(SystemExit, match="apt-get install tesseract-ocr"):
+        _run(tmp_path, "--suite", "text_in_image", "--text_in_image.dir", str(tmp_path / "gen"))
 
 
 # ---- detection ------------------------------------------------------------------------------------------
@@ -231,15 +233,15 @@ def test_detection_ap_from_predictions(tmp_path):
     ann = _write_detection(tmp_path / "gen")
     perfect = {f: [{**b, "score": 0.9} for b in boxes] for f, boxes in ann.items()}
     (tmp_path / "perfect.json").write_text(json.dumps(perfect))
-    r = _run(tmp_path, "--suite", "detection_ap", "--detection-ap-dir", str(tmp_path / "gen"),
-             "--detection-ap-predictions", str(tmp_path / "perfect.json"))["detection_ap"]
+    r = _run(tmp_path, "--suite", "detection_ap", "--detection_ap.dir", str(tmp_path / "gen"),
+             "--detection_ap.predictions", str(tmp_path / "perfect.json"))["detection_ap"]
     assert (r["AP"], r["AP50"], r["AR100"]) == (1.0, 1.0, 1.0)
     toy = {"0.png": [{"label": "dog", "box": [258, 41, 606, 285], "score": 0.9},
                      {"label": "person", "box": [0, 0, 5, 5], "score": 0.9}],  # class with no ground truth: ignored
            "1.png": [{"label": "cat", "box": [10, 10, 100, 100], "score": 0.8}]}
     (tmp_path / "toy.json").write_text(json.dumps(toy))
-    r = _run(tmp_path, "--suite", "detection_ap", "--detection-ap-dir", str(tmp_path / "gen"),
-             "--detection-ap-predictions", str(tmp_path / "toy.json"))["detection_ap"]
+    r = _run(tmp_path, "--suite", "detection_ap", "--detection_ap.dir", str(tmp_path / "gen"),
+             "--detection_ap.predictions", str(tmp_path / "toy.json"))["detection_ap"]
     assert r["AP"] == pytest.approx(0.8) and r["AP50"] == 1.0 and r["AP75"] == 1.0 and r["n_detections"] == 2
 
 
@@ -261,13 +263,13 @@ def test_detection_ap_tiny_detr_local_dir(tmp_path):
     assert len(out) == 2 and set(out[0]["labels"].tolist()) <= {0, 1}  # "person" dropped, mapped to [cat, dog]
     assert out[0]["boxes"].shape[1] == 4 and (out[0]["boxes"][:, 2] <= 80.01).all()
     _write_detection(tmp_path / "gen")
-    r = _run(tmp_path, "--suite", "detection_ap", "--detection-ap-dir", str(tmp_path / "gen"),
-             "--detection-ap-detector", str(tmp_path / "detr"), "--detection-ap-threshold", "0.0")["detection_ap"]
+    r = _run(tmp_path, "--suite", "detection_ap", "--detection_ap.dir", str(tmp_path / "gen"),
+             "--detection_ap.detector", str(tmp_path / "detr"), "--detection_ap.threshold", "0.0")["detection_ap"]
     assert 0.0 <= r["AP"] <= 1.0 and r["n_images"] == 2
 
 
 def test_detection_ap_missing_layout(tmp_path):
     (tmp_path / "gen").mkdir()
-    with pytest.raises(FileNotFoundError, match="annotations.json"):
-        _run(tmp_path, "--suite", "detection_ap", "--detection-ap-dir", str(tmp_path / "gen"),
-             "--detection-ap-predictions", str(tmp_path / "p.json"))
+    with pytest.raises(SystemExit, match="annotations.json"):
+        _run(tmp_path, "--suite", "detection_ap", "--detection_ap.dir", str(tmp_path / "gen"),
+             "--detection_ap.predictions", str(tmp_path / "p.json"))

@@ -140,3 +140,29 @@ def test_hf_dataset_source_skips_unlabelled_test_split(tmp_path, monkeypatch):
     assert len(dm.train_set) == 6 and len(dm.val_set) == 3 and len(dm.test_set) == 6
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_dassl_sampler_on_image_folder_and_manifests_record_their_sampler(folder, tmp_path):
+    """fewshot_sampler='dassl' == Dassl's procedure (seeded global random, groups in first-appearance order,
+    random.sample per group, then min(K, 4) val shots from the same RNG) over the folder's sorted listing."""
+    import random
+
+    dm = _dm(folder, tmp_path, shots=3, seed=2, fewshot_sampler="dassl")
+    man = dm.data.manifest
+    assert man["sampler"] == "dassl"
+    random.seed(2)
+    keys = sorted(p.name for p in (folder / "train").iterdir())
+    ref = {k: sorted(random.sample([f"train/{k}/{p.name}" for p in sorted((folder / "train" / k).iterdir())], 3))
+           for k in keys}
+    assert man["train"] == ref
+    rest = {k: [f"train/{k}/{p.name}" for p in sorted((folder / "train" / k).iterdir())
+                if f"train/{k}/{p.name}" not in ref[k]] for k in keys}
+    assert man["val"] == {k: sorted(random.sample(rest[k], 3)) for k in keys}  # no val/: held-out train images
+    assert list((tmp_path / "data").rglob("shot_3-seed_2-dassl.json"))
+    # an old manifest (no sampler key) is the project sampler's; asking for dassl at its path is an error
+    xman = _dm(folder, tmp_path, shots=3, seed=2).data.manifest
+    assert xman["sampler"] == "xclip"
+    path = next((tmp_path / "data").rglob("shot_3-seed_2-dassl.json"))
+    path.write_text(json.dumps({k: v for k, v in xman.items() if k != "sampler"}))
+    with pytest.raises(FewShotDataError, match="picked by sampler 'xclip', expected 'dassl'"):
+        _dm(folder, tmp_path, shots=3, seed=2, fewshot_sampler="dassl").data

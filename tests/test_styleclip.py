@@ -1,5 +1,5 @@
 """StyleCLIP: generator (rosinality format), ArcFace (IR-SE50 format), losses, optimisation (+ NTLB word
-loss), global directions and the generate.py CLI, on tiny random models."""
+loss), global directions and the `xclip generate` CLI, on tiny random models."""
 from __future__ import annotations
 
 import logging
@@ -293,7 +293,7 @@ def test_word_relevance_loss_weights_gradients_and_all_marked_guard(tiny_setup, 
     assert torch.allclose(all_marked(img), torch.tensor([1 / all_marked.n_marked]), atol=1e-5)  # no NaN
     with pytest.raises(ValueError, match="5 words"):
         WordRelevanceLoss(clip, [0, 1])
-    res = optimize_latent(gen, clip, w0, OptimizeConfig(steps=3, expl_lambda=1.0), word_loss=wl, progress=False)
+    res = optimize_latent(gen, clip, w0, OptimizeConfig(steps=3, expl_weight=1.0), word_loss=wl, progress=False)
     assert all(math.isfinite(h["loss"]) and "expl" in h for h in res.history[:-1])
 
 
@@ -343,31 +343,36 @@ def test_global_directions_pipeline_and_cache(tiny_backbone, tmp_path):
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
-TINY_ARGS = ["--generator-size", "32", "--style-dim", "64", "--n-mlp", "2", "--channel-max", "16",
-             "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu", "--no-progress"]
+TINY_ARGS = ["--generator.size", "32", "--generator.style_dim", "64", "--generator.n_mlp", "2",
+             "--generator.channel_max", "16", "--backbone", "tiny-vit-test", "--pretrained", "none", "--device", "cpu",
+             "--progress", "false"]
 
 
-def test_generate_cli_optimize_with_config_file(tmp_path):
+def test_generate_cli_optimize_with_config_file(tmp_path, capsys):
     import json
 
     from xclip import generate
 
     cfg = tmp_path / "opt.yaml"
     cfg.write_text("description: a person with purple hair\nsteps: 4\nl2_lambda: 0.008\n"
-                   "desired_words: [0, 0, 0, 1, 1]\nexpl_lambda: 1.0\n")
+                   "desired_words: [0, 0, 0, 1, 1]\nexpl_weight: 1.0\n")
     out = tmp_path / "out"
-    res = generate.main(["styleclip-optimize", "--config", str(cfg), "--output-dir", str(out), *TINY_ARGS])
+    res = generate.main(["styleclip-optimize", "--config", str(cfg), "--out", str(out), *TINY_ARGS])
     assert len(res.history) == 5
     assert (out / "final_result.png").is_file() and (out / "latent.pt").is_file()
     hist = json.loads((out / "history.json").read_text())
     assert hist["config"]["desired_words"] == [0, 0, 0, 1, 1] and hist["config"]["steps"] == 4
+    assert hist["config"]["expl_weight"] == 1.0
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 3\n")
-    with pytest.raises(SystemExit, match="unknown option 'stepz'"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         generate.main(["styleclip-optimize", "--config", str(bad), *TINY_ARGS])
+    assert e.value.code != 0 and "stepz" in capsys.readouterr().err
     torch.save(torch.randn(8, 64), tmp_path / "w.pt")
     with pytest.raises(ValueError, match=r"\(N, 8, 64\) for a 32 px"):
-        generate.main(["styleclip-optimize", "--latent-path", str(tmp_path / "w.pt"), *TINY_ARGS])
+        generate.main(["styleclip-optimize", "--latent_path", str(tmp_path / "w.pt"), "--out", str(tmp_path / "o2"),
+                       *TINY_ARGS])
 
 
 def test_generate_cli_global(tmp_path):
@@ -375,7 +380,7 @@ def test_generate_cli_global(tmp_path):
 
     out = tmp_path / "g"
     summary = generate.main(["styleclip-global", "--neutral", "face", "--target", "smiling face", "--beta", "auto",
-                             "--c-threshold", "3", "--alpha", "2", "4", "--stats-samples", "32", "--n-images", "2",
-                             "--max-resolution", "4", "--n-edit", "1", "--cache-dir", str(tmp_path / "c"),
-                             "--output-dir", str(out), *TINY_ARGS])
+                             "--c_threshold", "3", "--alpha", "2", "4", "--stats_samples", "32", "--n_images", "2",
+                             "--max_resolution", "4", "--n_edit", "1", "--cache_dir", str(tmp_path / "c"),
+                             "--out", str(out), *TINY_ARGS])
     assert (out / "global_edit.png").is_file() and summary["n_channels"] > 0

@@ -28,8 +28,10 @@ def test_levels_mapper_slices_and_disabled_levels():
     assert d[:, 8:].abs().sum() > 0
     assert torch.allclose(m.edit(w), w + 0.1 * d)
     names = {k.split(".")[0] for k in m.state_dict()}
-    assert names == {"course_mapping", "medium_mapping", "fine_mapping"}  # StyleCLIP's names (sic)
+    assert names == {"course_mapping", "fine_mapping"}  # StyleCLIP's names (sic); a disabled level has none
     assert "course_mapping.mapping.4.weight" in m.state_dict()
+    assert {k.split(".")[0] for k in LevelsMapper(32).state_dict()} == {"course_mapping", "medium_mapping",
+                                                                         "fine_mapping"}
     assert sum(p.numel() for p in LevelsMapper(512).parameters()) == 3_151_872  # spec 3.1
     with pytest.raises(ValueError):
         LevelsMapper(32, coarse=False, medium=False, fine=False)
@@ -86,7 +88,7 @@ def test_latent_files_feed_the_mapper_and_bad_shapes_fail(tmp_path):
         bad.setup("fit")
 
 
-# ---- Ranger (the default optimiser) and the generate.py styleclip-mapper subcommand ------------------------
+# ---- Ranger (the default optimiser) and the `xclip generate styleclip-mapper` subcommand --------------
 # The random tiny CLIP gives gradients of ~1e-7 per mapper weight, far below Ranger's eps 1e-5 (which then
 # dominates the denominator), and RAdam's rectification keeps the first steps tiny (SGD-like for t <= 5, then
 # scaled by ~0.03-0.09 up to step 18), so the 18-step tiny run lowers eps and raises lr. The paper configs keep
@@ -143,8 +145,8 @@ def test_generate_styleclip_mapper_applies_the_trained_mapper(ranger_run, tmp_pa
     w[2] += 0.5 * torch.randn(w[2].shape, generator=torch.Generator().manual_seed(3))
     torch.save(w, tmp_path / "faces.pt")
     out = tmp_path / "out"
-    res = generate.main(["styleclip_mapper", "--ckpt", str(ckpt_path), "--latents", str(tmp_path / "faces.pt"),
-                         "--out", str(out), "--batch-size", "2", "--device", "cpu", "--no-progress"])
+    res = generate.main(["styleclip-mapper", "--ckpt", str(ckpt_path), "--latents", str(tmp_path / "faces.pt"),
+                         "--out", str(out), "--batch_size", "2", "--device", "cpu", "--progress", "false"])
     edited = load_latents(out / "latents_edited.pt", 64, 64)
     assert torch.equal(load_latents(out / "latents_source.pt", 64, 64), w)
     with torch.no_grad():
@@ -164,8 +166,8 @@ def test_generate_styleclip_mapper_applies_the_trained_mapper(ranger_run, tmp_pa
     assert stats["clip_loss_after"] == pytest.approx(module.clip_loss(x_hat).mean().item(), abs=1e-5)
     assert res["latents_edited"].shape == (3, 10, 64)
 
-    rnd = generate.main(["styleclip-mapper", "--ckpt", str(ckpt_path), "--n-random", "2", "--out",
-                         str(tmp_path / "rnd"), "--no-pairs", "--device", "cpu", "--no-progress"])
+    rnd = generate.main(["styleclip-mapper", "--ckpt", str(ckpt_path), "--n_random", "2", "--out",
+                         str(tmp_path / "rnd"), "--pairs", "false", "--device", "cpu", "--progress", "false"])
     src = rnd["latents_source"]
     assert src.shape == (2, 10, 64) and torch.allclose(src[:, 0], src[:, 5])  # one truncated w repeated
     assert torch.allclose(rnd["latents_edited"], src + 0.1 * module.mapper(src), atol=1e-5)
@@ -174,12 +176,13 @@ def test_generate_styleclip_mapper_applies_the_trained_mapper(ranger_run, tmp_pa
     torch.save(torch.randn(2, 18, 512), tmp_path / "ffhq.pt")
     with pytest.raises(ValueError, match=r"\(2, 18, 512\).*\(N, 10, 64\) for a 64 px"):
         generate.main(["styleclip-mapper", "--ckpt", str(ckpt_path), "--latents", str(tmp_path / "ffhq.pt"),
-                       "--out", str(tmp_path / "bad"), "--device", "cpu", "--no-progress"])
+                       "--out", str(tmp_path / "bad"), "--device", "cpu", "--progress", "false"])
     with pytest.raises(RuntimeError, match="not a Lightning checkpoint"):
-        generate.main(["styleclip-mapper", "--ckpt", str(tmp_path / "faces.pt"), "--n-random", "1",
+        generate.main(["styleclip-mapper", "--ckpt", str(tmp_path / "faces.pt"), "--n_random", "1",
                        "--out", str(tmp_path / "bad")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="--latents FILE or --n_random N"):
         generate.main(["styleclip-mapper", "--ckpt", str(ckpt_path), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_before_after_grid_goes_to_wandb(ranger_run):
@@ -204,8 +207,9 @@ def test_before_after_grid_goes_to_wandb(ranger_run):
     finally:
         module._trainer = None
     (key, images, step, kwargs), = rec.calls
-    grid = images[0]  # make_grid(nrow=2, padding=2): rows of before | after
+    grid = torch.from_numpy(images[0]).permute(2, 0, 1).float() / 255  # uint8 HWC, make_grid(nrow=2, padding=2)
+    assert images[0].dtype.name == "uint8"  # a [0, 1] float grid would be cast to black by wandb
     assert key == "val/edits" and step == 7 and "before | after" in kwargs["caption"][0]
     assert grid.shape == (3, 4 * 66 + 2, 2 * 66 + 2)
-    assert torch.allclose(grid[:, 2:66, 2:66], x[0].clamp(-1, 1).add(1).div(2))
-    assert torch.allclose(grid[:, 2:66, 68:132], x_hat[0].clamp(-1, 1).add(1).div(2))
+    assert torch.allclose(grid[:, 2:66, 2:66], x[0].clamp(-1, 1).add(1).div(2), atol=0.5 / 255 + 1e-6)
+    assert torch.allclose(grid[:, 2:66, 68:132], x_hat[0].clamp(-1, 1).add(1).div(2), atol=0.5 / 255 + 1e-6)

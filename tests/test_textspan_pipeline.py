@@ -65,9 +65,9 @@ def test_cli_spurious_on_waterbirds_layout(tmp_path):
 
     _waterbirds_folder(tmp_path / "wb")
     res = analyze.main(["spurious", "--backbone", "tiny-vit-test", "--waterbirds", str(tmp_path / "wb"),
-                        "--heads", "1:0", "--keep-last", "1", "--templates", "a photo of a {}.",
-                        "--out-store", str(tmp_path / "store"), "--out", str(tmp_path / "wb.json"),
-                        "--random-trials", "1"])
+                        "--heads", "1:0", "--keep_last", "1", "--templates", '["a photo of a {}."]',
+                        "--out_store", str(tmp_path / "store"), "--out", str(tmp_path / "wb.json"),
+                        "--random_trials", "1"])
     saved = json.loads((tmp_path / "wb.json").read_text())
     assert set(saved["base"]["groups"]) == {"landbird/land", "landbird/water", "waterbird/land", "waterbird/water"}
     assert 0 <= res["heads_ablated"]["worst_group"] <= 1
@@ -85,24 +85,24 @@ def test_cli_decompose_ablate_textspan_segment(tmp_path):
 
     store = tmp_path / "store"
     analyze.main(["decompose", "--backbone", "tiny-vit-test", "--data", "world:24", "--out", str(store),
-                  "--batch-size", "5", "--shard-rows", "8", "--tokens"])
+                  "--batch_size", "5", "--shard_rows", "8", "--tokens", "true"])
     st = load_store(store)
     assert st["heads"].shape == (24, 2, 2, 64) and st["tokens"].shape == (24, 2, 17, 64)
     total = st["heads"][:].sum((1, 2)) + st["mlps"][:].sum(1)
     assert np.abs(total - st["embedding"][:]).max() < 1e-4          # stored contributions sum to the embedding
-    res = analyze.main(["ablate", "--store", str(store), "--keep-last", "1", "--heads", "1:0",
+    res = analyze.main(["ablate", "--store", str(store), "--keep_last", "[1]", "--heads", "1:0",
                         "--out", str(tmp_path / "abl.json")])
     assert len(res["accumulated_layers"]) == 3 and "custom" in res
     pool = tmp_path / "pool.txt"
     pool.write_text("\n".join(f"a photo of a {c} {s}" for c in ("red", "blue", "green") for s in
                               ("circle", "star", "square", "heart")) + "\n")
     out = analyze.main(["textspan", "--store", str(store), "--backbone", "tiny-vit-test", "--pool", str(pool),
-                        "--texts-per-head", "3", "--last-layers", "1", "--rank", "8",
+                        "--texts_per_head", "3", "--last_layers", "1", "--rank", "8",
                         "--out", str(tmp_path / "ts")])
     assert len(out["heads"]) == 2 and all(len(v["texts"]) == 3 for v in out["heads"].values())
     assert "## Layer 1, Head 0" in (tmp_path / "ts.md").read_text()
     assert set(json.loads((tmp_path / "ts.json").read_text())) == {"L1.H0", "L1.H1"}
-    seg = analyze.main(["segment", "--backbone", "tiny-vit-test", "--data", "world:4", "--batch-size", "2"])
+    seg = analyze.main(["segment", "--backbone", "tiny-vit-test", "--data", "world:4", "--batch_size", "2"])
     assert seg["images"] == 4 and all(0 <= seg[k] <= 1 for k in ("pixel_acc", "miou", "map"))
 
 
@@ -110,8 +110,8 @@ def test_mean_ablation_suite_via_evaluate(tmp_path):
     from xclip import evaluate
 
     res = evaluate.main(["--backbone", "tiny-vit-test", "--suite", "mean_ablation", "--device", "cpu",
-                         "--mean-ablation-data", "world:20", "--mean-ablation-keep-last", "1",
-                         "--mean-ablation-heads", "1:1", "--out", str(tmp_path / "r.json")])
+                         "--mean_ablation.data", "world:20", "--mean_ablation.keep_last", "[1]",
+                         "--mean_ablation.heads", "1:1", "--out", str(tmp_path / "r.json")])
     r = res["suites"]["mean_ablation"]
     assert r["images"] == 20 and len(r["accumulated_layers"]) == 3 and 0 <= r["custom"] <= 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-class _ModelCheckpoint:  # stands in for the lightning callback class pickled as a key in real taming ckpts
-    pass
-
-
 def _taming_files(tmp_path: Path, n_embed: int = 32, embed_dim: int = 8, extra_keys: bool = True):
     ref = tiny_vqgan(n_embed=n_embed, embed_dim=embed_dim, seed=3)
     state = dict(ref.state_dict())
@@ -37,8 +34,17 @@ def _taming_files(tmp_path: Path, n_embed: int = 32, embed_dim: int = 8, extra_k
         state["loss.perceptual_loss.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
         state["loss.discriminator.main.0.weight"] = torch.zeros(64, 3, 4, 4)
         state["loss.logvar"] = torch.zeros(())
-    ckpt = {"state_dict": state, "epoch": 7, "global_step": 123, "callbacks": {_ModelCheckpoint: {"best": 1.0}},
-            "hparams": argparse.Namespace(lr=4.5e-6)}
+    import numpy as np
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    # the real layout: the Lightning callback CLASS pickled as the key of ``callbacks`` (its state may hold
+    # tensors and numpy scalars), optimizer states, an argparse Namespace of hparams
+    callback_state = {"monitor": "val/rec_loss", "best_model_score": torch.tensor(0.25),
+                      "best_model_path": "logs/x/checkpoints/last.ckpt", "current_score": np.float64(0.3)}
+    ckpt = {"epoch": 7, "global_step": 123, "pytorch-lightning_version": "1.0.8",
+            "callbacks": {ModelCheckpoint: callback_state},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9), "params": [0]}]}],
+            "lr_schedulers": [], "state_dict": state, "hparams": argparse.Namespace(lr=4.5e-6)}
     (tmp_path / "m.yaml").write_text(taming_yaml(TINY_DDCONFIG, n_embed, embed_dim))
     torch.save(ckpt, tmp_path / "m.ckpt")
     return ref, tmp_path / "m.yaml", tmp_path / "m.ckpt"
@@ -55,7 +61,7 @@ def test_taming_state_dict_keys_and_strict_load(tmp_path):
         assert k in keys, k
     with pytest.raises(Exception):  # a real-format ckpt is refused by weights_only=True ...
         torch.load(ckpt_path, weights_only=True)
-    model = load_vqgan(yaml_path, ckpt_path)  # ... and read by the safe fallback, loss.* dropped, strict
+    model = load_vqgan(yaml_path, ckpt_path)  # ... and read with the exact taming allowlist, loss.* dropped, strict
     for k, v in ref.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -86,14 +92,15 @@ def test_yaml_ckpt_mismatch_and_bad_config_errors(tmp_path):
         load_vqgan(yaml_path, tmp_path / "junk.ckpt")
 
 
-def test_safe_fallback_runs_no_code(tmp_path):
+def test_safe_loader_runs_no_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     ref, yaml_path, _ = _taming_files(tmp_path)
     torch.save({"state_dict": ref.state_dict(), "evil": Evil()}, tmp_path / "evil.ckpt")
-    load_vqgan(yaml_path, tmp_path / "evil.ckpt")
+    with pytest.raises(VQGANConfigError, match=r"evil\.ckpt.*posix\.system|evil\.ckpt.*os\.system"):
+        load_vqgan(yaml_path, tmp_path / "evil.ckpt")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -212,19 +219,19 @@ def test_spatial_conditioning_with_shipped_tiny_clip():
 
 # ---- evaluation -------------------------------------------------------------------------------------------
 def test_spatial_generation_suite_writes_table(tiny_backbone, tmp_path):
+    from xclip import evaluate
     from xclip.evaluation import spatial_generation
-    from xclip.evaluation.common import EvalModel
+    from xclip.evaluation.common import EvalModel, RunContext
 
-    parser = argparse.ArgumentParser()
-    spatial_generation.add_arguments(parser)
     layouts = [{"regions": [{"text": "a red circle", "bbox": [0, 0, 16, 32], "label": "circle"}]}]
     (tmp_path / "layouts.json").write_text(json.dumps(layouts))
-    args = parser.parse_args(["--spatial-generation-prompts", str(tmp_path / "layouts.json"),
-                              "--spatial-generation-methods", "textual,explainability",
-                              "--spatial-generation-size", "32", "--spatial-generation-steps", "3",
-                              "--spatial-generation-cutn", "2", "--spatial-generation-out", str(tmp_path / "out")])
-    args.seed, args.device = 0, "cpu"
-    res = spatial_generation.run(EvalModel(tiny_backbone), args)
+    parser = evaluate.build_parser()
+    cfg = parser.parse_args(["--spatial_generation.prompts", str(tmp_path / "layouts.json"),
+                             "--spatial_generation.methods", "[textual, explainability]",
+                             "--spatial_generation.size", "32", "--spatial_generation.steps", "3",
+                             "--spatial_generation.cutn", "2", "--spatial_generation.out", str(tmp_path / "out")])
+    settings = parser.instantiate(cfg).spatial_generation
+    res = spatial_generation.run(EvalModel(tiny_backbone), settings, RunContext(seed=0))
     table = res["tables"]["methods"]
     assert [r[0] for r in table["data"]] == ["textual", "explainability"]
     for m in ("textual", "explainability"):
@@ -235,23 +242,24 @@ def test_spatial_generation_suite_writes_table(tiny_backbone, tmp_path):
     assert ann == {"img_000.png": [{"label": "circle", "box": [0.0, 0.0, 16.0, 32.0]}]}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"regions": [{"text": "x", "bbox": [30, 0, 10, 10]}]}]))
-    args.spatial_generation_prompts = str(bad)
     with pytest.raises(ValueError, match="bad.json.*'x'.*not inside"):
-        spatial_generation.run(EvalModel(tiny_backbone), args)
+        spatial_generation.run(EvalModel(tiny_backbone), replace(settings, prompts=str(bad)))
 
 
 def test_cli_smoke(tmp_path, capsys):
-    import generate as gen_cli
+    from xclip import generate as gen_cli
 
     gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--backbone", "tiny-vit-test", "--pretrained", "none",
-                  "--prompt", "0,0,16,32=a red circle", "--method", "explainability", "--width", "32",
-                  "--height", "32", "--steps", "2", "--cutn", "2", "--device", "cpu", "--no_progress",
+                  "--prompts", "0,0,16,32=a red circle", "--method", "explainability", "--width", "32",
+                  "--height", "32", "--steps", "2", "--cutn", "2", "--device", "cpu", "--progress", "false",
                   "--out", str(tmp_path / "run")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["size"] == [32, 32] and (tmp_path / "run" / "final.png").is_file()
-    with pytest.raises(ValueError, match="not inside"):
-        gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--prompt", "0,0,64,64=a dog", "--width", "32",
+    json.loads((tmp_path / "run" / "losses.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    with pytest.raises(SystemExit, match="not inside"):
+        gen_cli.main(["vqgan-clip", "--vqgan_config", "tiny", "--prompts", "0,0,64,64=a dog", "--width", "32",
                       "--height", "32", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_generation_with_spelling_projection(tiny_backbone):
@@ -265,17 +273,12 @@ def test_generation_with_spelling_projection(tiny_backbone):
 @pytest.mark.skipif(__import__("shutil").which("tesseract") is None, reason="tesseract binary not installed")
 def test_spatial_generation_text_in_image_with_and_without_w(tiny_backbone, tmp_path):
     from xclip.evaluation import spatial_generation
-    from xclip.evaluation.common import EvalModel
+    from xclip.evaluation.common import EvalModel, RunContext
 
-    parser = argparse.ArgumentParser()
-    spatial_generation.add_arguments(parser)
-    args = parser.parse_args(["--spatial-generation-methods", "plain", "--spatial-generation-limit", "1",
-                              "--spatial-generation-size", "64", "--spatial-generation-steps", "1",
-                              "--spatial-generation-cutn", "1", "--spatial-generation-out", str(tmp_path),
-                              "--spatial-generation-text-prompts", "a sign that says hello"])
-    args.seed, args.device = 0, "cpu"
+    settings = spatial_generation.Settings(methods=["plain"], limit=1, size=64, steps=1, cutn=1, out=str(tmp_path),
+                                           text_prompts=["a sign that says hello"])
     w = torch.linalg.qr(torch.randn(64, 64))[0][:16]
-    res = spatial_generation.run(EvalModel(tiny_backbone, projection=w), args)
+    res = spatial_generation.run(EvalModel(tiny_backbone, projection=w), settings, RunContext(seed=0))
     tii = res["text_in_image"]
     assert tii["groups"] == ["no_W", "W"] and tii["no_W/n"] == 1 and tii["W/n"] == 1
     assert 0 <= tii["all/rate@0"] <= 1

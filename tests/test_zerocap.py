@@ -172,11 +172,12 @@ def test_cli_captions_a_folder_with_references(tiny_lm, tmp_path):
     for i in range(2):
         render_object("star", "red", rng, image_size=32)[0].save(tmp_path / "imgs" / f"{i}.png")
     (tmp_path / "refs.json").write_text(json.dumps({"0.png": ["Image of a red star."], "1.png": ["a red star."]}))
-    out = main([str(tmp_path / "imgs"), "--lm", str(tmp_path / "lm"), "--backbone", "tiny-vit-test",
-                "--pretrained", "none", "--beam-size", "2", "--target-seq-length", "3", "--top-size", "8",
-                "--num-iterations", "1", "--references", str(tmp_path / "refs.json"),
+    out = main(["--images", str(tmp_path / "imgs"), "--lm", str(tmp_path / "lm"), "--backbone", "tiny-vit-test",
+                "--pretrained", "none", "--beam_size", "2", "--target_seq_length", "3", "--top_size", "8",
+                "--num_iterations", "1", "--references", str(tmp_path / "refs.json"),
                 "--out", str(tmp_path / "caps.json"), "--device", "cpu"])
-    saved = json.loads((tmp_path / "caps.json").read_text())
+    saved = json.loads((tmp_path / "caps.json").read_text(), parse_constant=pytest.fail)
+    assert saved["complete"] is True
     assert len(saved["captions"]) == 2 and all(c["caption"].startswith("Image of a") for c in saved["captions"])
     assert 0.0 <= saved["reference_metrics"]["bleu1"] <= 1.0
     assert out["timing_s"]["clip"] > 0 and out["timing_s"]["lm"] > 0
