@@ -6,7 +6,7 @@
 
 Writes OUT/explain.png (rows images, columns texts: image relevance overlay, the text's token heat strip, cosine
 similarity and softmax-over-texts probability), OUT/explain.html with --html true (the default), and logs both to
-W&B with --wandb PROJECT (offline unless a W&B key is configured).  Inputs and the output folder are checked before
+W&B with --wandb true (project --wandb_project; offline unless a W&B key is configured).  Inputs and the output folder are checked before
 any model is built.
 """
 from __future__ import annotations
@@ -35,7 +35,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--start_layer_text", type=int, default=0, help="first text layer in R (0 = all, -1 = last)")
     p.add_argument("--start_layer_image", type=int, default=-1, help="first image layer in R (-1 = last, 0 = all)")
     p.add_argument("--html", type=bool, default=True, help="also write a self-contained explain.html")
-    p.add_argument("--wandb", type=Optional[str], default=None, help="W&B project to log to (off when unset)")
+    p.add_argument("--wandb", type=bool, default=False, help="log the grid and a per-pair table to W&B "
+                   "(offline without a key)")
+    p.add_argument("--wandb_project", type=str, default="xclip-explain")
     p.add_argument("--device", type=str, default="cpu")
     return p
 
@@ -61,7 +63,7 @@ def run(cfg) -> dict:
         raise ValueError("--text entries must be non-empty.")
     out = Path(cfg.out).expanduser()
     _check_out_dir(out)
-    if cfg.wandb is not None:
+    if cfg.wandb:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
@@ -76,11 +78,14 @@ def run(cfg) -> dict:
                      start_layer_image=cfg.start_layer_image, labels=labels)
     png = write_grid_png(result, out / "explain.png")
     page = write_html(result, out / "explain.html") if cfg.html else None
-    run_dir = log_wandb(result, png, cfg.wandb, out) if cfg.wandb is not None else None
+    run_dir = log_wandb(result, png, cfg.wandb_project, out) if cfg.wandb else None
     return {"png": png, "html": page, "wandb": run_dir, "result": result}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from xclip.utils.threads import configure_threads
+
+    configure_threads()  # utils/threads.py: never more torch threads than free cores
     parser = build_parser()
     cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

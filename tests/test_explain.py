@@ -115,7 +115,8 @@ def test_wandb_offline_logging(world_images, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "explain"
     rc = explain_cli.main(["--image", world_images[0], "--text", TEXTS[0], TEXTS[1], "--out", str(out),
-                           "--html", "false", "--wandb", "xclip-test"])
+                           "--html", "false", "--wandb", "true",
+                           "--wandb_project", "xclip-test"])
     assert rc == 0 and (out / "explain.png").is_file() and not (out / "explain.html").exists()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
