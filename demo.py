@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from xclip import train
-    from xclip.lightning_modules.spelling import evaluate_features
     from xclip.generation._cli import write_json
+    from xclip.lightning_modules.spelling import evaluate_features
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)

@@ -25,9 +25,18 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
-from xclip.evaluation import (detection_ap, mean_ablation, ocr_iiit5k, retrieval, saliency_prf, spatial_generation,
-                              text_in_image, typographic, world, zeroshot)
-
+from xclip.evaluation import (
+    detection_ap,
+    mean_ablation,
+    ocr_iiit5k,
+    retrieval,
+    saliency_prf,
+    spatial_generation,
+    text_in_image,
+    typographic,
+    world,
+    zeroshot,
+)
 from xclip.utils.threads import configure_threads
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

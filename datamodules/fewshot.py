@@ -37,7 +37,6 @@ are the dataset's class folders, else by order).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import re
@@ -47,7 +46,6 @@ from typing import Callable, Literal, Sequence
 
 import open_clip
 import pytorch_lightning as pl
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 

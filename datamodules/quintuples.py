@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
 
-from xclip.datamodules.text_render import (DEFAULT_WORD_LIST, TextStyle, draw_word, load_word_list, nonsense_word,
-                                     resolve_fonts)
+from xclip.datamodules.text_render import (
+    DEFAULT_WORD_LIST,
+    TextStyle,
+    draw_word,
+    load_word_list,
+    nonsense_word,
+    resolve_fonts,
+)
 from xclip.utils.images import list_images
 from xclip.utils.io import read_json
 

@@ -7,8 +7,6 @@ from typing import Iterable, Sequence
 import torch
 from PIL import Image
 
-from xclip.utils.images import IMAGE_EXTENSIONS as IMAGE_EXTS, list_images  # noqa: F401 (re-exported)
-
 
 def encode_pil(model, images: Iterable[Image.Image], batch_size: int = 64) -> torch.Tensor:
     """PIL images -> [N, D'] normalised (and projected, when the EvalModel has W) image embeddings."""

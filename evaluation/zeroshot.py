@@ -17,8 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from xclip.datamodules.fewshot import (FewShotDataError, SplitDataset, filter_bad_images, open_source, read_classnames,
-                                 test_split_of)
+from xclip.datamodules.fewshot import (
+    FewShotDataError,
+    SplitDataset,
+    filter_bad_images,
+    open_source,
+    read_classnames,
+    test_split_of,
+)
 from xclip.evaluation._images import require
 from xclip.evaluation.common import EvalModel, RunContext
 from xclip.models.zero_shot import load_templates, zero_shot_classifier, zero_shot_logits

@@ -497,7 +497,6 @@ def run(args) -> dict:
 
 def reference_metrics(results: list[dict], references_json: str) -> dict:
     """BLEU-1..4 (torchmetrics) against references; CIDEr-D and METEOR too when pycocoevalcap is installed."""
-    import json
     from pathlib import Path
 
     from torchmetrics.functional.text import bleu_score
