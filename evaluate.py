@@ -49,6 +49,29 @@ SUITE_TABLE: dict[str, ModuleType] = {m.NAME: m for m in SUITES}
 SuiteName = Literal[tuple(SUITE_TABLE)]  # type: ignore[valid-type]
 
 
+def run_suite(name: str, model, seed: int = 0, out_dir: str | Path = ".", **settings) -> dict:
+    """One evaluation suite from Python (what ``xclip evaluate --suite NAME`` runs), e.g.
+    ``xclip.run_suite("world", xclip.build_clip("tiny-vit-world", "synthetic-world"), n=200)``.
+
+    ``model``: a ``ClipBackbone``, a trained method (CoOp, SpellingProjection, ...: anything with ``.backbone``)
+    or an ``EvalModel``; ``settings``: the fields of that suite's ``Settings`` dataclass (``--NAME.field``)."""
+    import torch
+
+    from xclip.evaluation.common import EvalModel, RunContext
+    from xclip.models.clip_backbone import ClipBackbone
+
+    if name not in SUITE_TABLE:
+        raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITE_TABLE)}")
+    suite = SUITE_TABLE[name]
+    if not isinstance(model, EvalModel):
+        model = EvalModel(model) if isinstance(model, ClipBackbone) else EvalModel(model.backbone, method=model)
+    cfg, ctx = suite.Settings(**settings), RunContext(seed=seed, out_dir=Path(out_dir))
+    if hasattr(suite, "check"):
+        suite.check(cfg, ctx)
+    torch.manual_seed(seed)
+    return suite.run(model.eval(), cfg, ctx)
+
+
 def build_parser() -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)   # the settings' field docstrings -> --help
     p = ArgumentParser(prog="xclip evaluate", description="Evaluate a checkpoint or pretrained CLIP on named suites.",
