@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := tesseract-ocr tesseract-ocr-eng fonts-liberation wamerican
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps demo test test-slow test-gpu bench clean
+.PHONY: venv system-deps demo lint test test-slow test-gpu bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,7 +33,10 @@ system-deps:
 demo: venv
 	$(PY) demo.py --out outputs/demo
 
-test: venv
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: venv
@@ -48,4 +51,4 @@ bench: venv
 	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf outputs runs .pytest_cache
+	rm -rf outputs runs results cache .pytest_cache build

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -133,8 +134,14 @@ def ablate(store: str, keep_last: list[int] | None = None, heads: str | None = N
     """
     import torch
 
-    from xclip.analysis.ablation import AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads, \
-        zero_shot_accuracy
+    from xclip.analysis.ablation import (
+        AblationSpec,
+        ablated_embeddings,
+        ablation_table,
+        dataset_means,
+        parse_heads,
+        zero_shot_accuracy,
+    )
     from xclip.analysis.decomposition import load_store
 
     meta = _store_meta(store)
@@ -177,8 +184,13 @@ def textspan(store: str, backbone: str, pool: str, out: str, pretrained: str | N
     """
     import torch
 
-    from xclip.analysis.ablation import AblationSpec, ablated_embeddings, dataset_means, layers_before_last, \
-        zero_shot_accuracy
+    from xclip.analysis.ablation import (
+        AblationSpec,
+        ablated_embeddings,
+        dataset_means,
+        layers_before_last,
+        zero_shot_accuracy,
+    )
     from xclip.analysis.decomposition import load_store
     from xclip.analysis.store import to_tensor
     from xclip.analysis.textspan import encode_text_pool, load_text_pool, run_textspan_heads, write_head_texts

@@ -121,14 +121,13 @@ def typographic_eval(backbone, W, n: int, seed: int = 1234) -> dict:
     """Zero-shot shape accuracy (%) on clean / attacked world objects, raw CLIP vs projected by W."""
     import torch
 
-    from xclip.datamodules.feature_cache import encode_pils
     from xclip.datamodules.synthetic_world import class_prompts, typographic_split
     from xclip.lightning_modules.spelling import apply_projection
     from xclip.models.zero_shot import prompt_classifier
 
     split = typographic_split(n=n, seed=seed, image_size=backbone.image_size)
     prompts = [class_prompts(c) for c in split.classnames]
-    feats = {"clean": encode_pils(backbone, split.clean), "attacked": encode_pils(backbone, split.attacked)}
+    feats = {"clean": backbone.encode_pil(split.clean), "attacked": backbone.encode_pil(split.attacked)}
     labels = torch.tensor(split.labels)
     words = [split.classnames.index(w) for w in split.attack_words]
     out, preds = {}, {}
@@ -210,8 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from xclip import train
-    from xclip.lightning_modules.spelling import evaluate_features
     from xclip.generation._cli import write_json
+    from xclip.lightning_modules.spelling import evaluate_features
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)

@@ -25,9 +25,18 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
-from xclip.evaluation import (detection_ap, mean_ablation, ocr_iiit5k, retrieval, saliency_prf, spatial_generation,
-                              text_in_image, typographic, world, zeroshot)
-
+from xclip.evaluation import (
+    detection_ap,
+    mean_ablation,
+    ocr_iiit5k,
+    retrieval,
+    saliency_prf,
+    spatial_generation,
+    text_in_image,
+    typographic,
+    world,
+    zeroshot,
+)
 from xclip.utils.threads import configure_threads
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,6 +47,29 @@ SUITES: tuple[ModuleType, ...] = (world, retrieval, ocr_iiit5k, typographic, tex
                                   detection_ap, spatial_generation, mean_ablation, zeroshot)
 SUITE_TABLE: dict[str, ModuleType] = {m.NAME: m for m in SUITES}
 SuiteName = Literal[tuple(SUITE_TABLE)]  # type: ignore[valid-type]
+
+
+def run_suite(name: str, model, seed: int = 0, out_dir: str | Path = ".", **settings) -> dict:
+    """One evaluation suite from Python (what ``xclip evaluate --suite NAME`` runs), e.g.
+    ``xclip.run_suite("world", xclip.build_clip("tiny-vit-world", "synthetic-world"), n=200)``.
+
+    ``model``: a ``ClipBackbone``, a trained method (CoOp, SpellingProjection, ...: anything with ``.backbone``)
+    or an ``EvalModel``; ``settings``: the fields of that suite's ``Settings`` dataclass (``--NAME.field``)."""
+    import torch
+
+    from xclip.evaluation.common import EvalModel, RunContext
+    from xclip.models.clip_backbone import ClipBackbone
+
+    if name not in SUITE_TABLE:
+        raise ValueError(f"unknown suite {name!r}; valid suites: {', '.join(SUITE_TABLE)}")
+    suite = SUITE_TABLE[name]
+    if not isinstance(model, EvalModel):
+        model = EvalModel(model) if isinstance(model, ClipBackbone) else EvalModel(model.backbone, method=model)
+    cfg, ctx = suite.Settings(**settings), RunContext(seed=seed, out_dir=Path(out_dir))
+    if hasattr(suite, "check"):
+        suite.check(cfg, ctx)
+    torch.manual_seed(seed)
+    return suite.run(model.eval(), cfg, ctx)
 
 
 def build_parser() -> ArgumentParser:

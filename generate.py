@@ -29,8 +29,7 @@ import argparse  # noqa: E402
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace  # noqa: E402
 
-from xclip.generation import (global_directions, styleclip_mapper, styleclip_optimize, vqgan_clip,  # noqa: E402
-                              zerocap)
+from xclip.generation import global_directions, styleclip_mapper, styleclip_optimize, vqgan_clip, zerocap  # noqa: E402
 
 # subcommand -> (module with add_arguments(parser) and run(cfg), one-line help). A fixed table: no module is
 # imported by a name read from the command line or a file.

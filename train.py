@@ -27,8 +27,8 @@ from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 from xclip.utils.io import AtomicCheckpointIO  # noqa: E402
 from xclip.utils.resume import default_run_dir, resolve_ckpt_path, use_run_checkpoint_dir  # noqa: E402
-from xclip.utils.wandb_setup import ensure_wandb_mode  # noqa: E402
 from xclip.utils.threads import configure_threads  # noqa: E402
+from xclip.utils.wandb_setup import ensure_wandb_mode  # noqa: E402
 
 
 class SaveConfigToLogger(SaveConfigCallback):

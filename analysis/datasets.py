@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from xclip.models.zero_shot import openai_imagenet_templates, prompt_classifier
+from xclip.utils.images import list_images
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CLASS_FOLDER_LAYOUT = "ROOT/<class name>/<image>.{png,jpg,...} (one folder per class)"
 SEG_FOLDER_LAYOUT = "ROOT/images/<stem>.{png,jpg} and ROOT/masks/<stem>.png (non-zero = foreground)"
 
@@ -41,10 +41,6 @@ class LabelledImages:
         """[b, 3, H, W] batches from image ``start`` on (resumable decomposition)."""
         for a in range(start, len(self), batch_size):
             yield torch.stack([self.load(i) for i in range(a, min(len(self), a + batch_size))])
-
-
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 def prompts_for(classnames: Sequence[str], templates: Sequence[str] | None = None) -> list[list[str]]:
@@ -82,12 +78,12 @@ def load_classification(source: str, backbone, templates: Sequence[str] | None =
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {source!r} not found; expected 'world[:N[:SEED]]' or "
                                 f"{CLASS_FOLDER_LAYOUT}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _list_images(d))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and list_images(d))
     if len(classes) < 2:
         raise ValueError(f"{root} needs at least 2 class folders with images; expected {CLASS_FOLDER_LAYOUT}")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        files = _list_images(root / name)[:limit_per_class]
+        files = list_images(root / name)[:limit_per_class]
         paths += files
         labels += [c] * len(files)
     names = [c.replace("_", " ") for c in classes]
@@ -148,8 +144,8 @@ def load_segmentation(source: str, backbone) -> SegmentationImages:
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
         raise FileNotFoundError(f"segmentation folder {source!r} not found or incomplete; expected "
                                 f"{SEG_FOLDER_LAYOUT}, or 'world[:N[:SEED]]'")
-    images = _list_images(root / "images")
-    masks = {p.stem: p for p in _list_images(root / "masks")}
+    images = list_images(root / "images")
+    masks = {p.stem: p for p in list_images(root / "masks")}
     missing = [p.name for p in images if p.stem not in masks]
     if missing:
         raise FileNotFoundError(f"{root / 'masks'} lacks masks for {missing[:5]} (expected {SEG_FOLDER_LAYOUT})")

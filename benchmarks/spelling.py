@@ -8,10 +8,7 @@ x_i, x_t, x_it and y_t with the frozen CLIP for every batch (what training witho
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -23,8 +20,13 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
     import torch
 
-    from xclip.datamodules.feature_cache import CachedQuintupleFeatures, _collate, _Preprocessed, encode_quintuples, \
-        encode_texts
+    from xclip.datamodules.feature_cache import (
+        CachedQuintupleFeatures,
+        _collate,
+        _Preprocessed,
+        encode_quintuples,
+        encode_texts,
+    )
     from xclip.datamodules.quintuples import QuintupleDataset, StyleConfig, SyntheticWorldSource, WordConfig
     from xclip.lightning_modules.spelling import SpellingProjection
     from xclip.losses.contrastive import spelling_objective

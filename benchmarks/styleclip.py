@@ -10,11 +10,8 @@ Prints the median wall time per edit of each and the ratio optimisation / mapper
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-
 
 import torch  # noqa: E402
 

@@ -11,11 +11,8 @@ Prints seconds per optimisation step (best of ``--repeats`` interleaved runs) an
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import replace
-
 
 import torch  # noqa: E402
 

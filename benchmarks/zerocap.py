@@ -7,7 +7,6 @@ features across iterations/beams vs re-encoding every candidate string every ite
 import argparse
 import os
 import random
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -39,9 +39,18 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from xclip.datamodules.fewshot import (MANIFEST_FORMAT, FewShotData, FewShotDataError, FewShotDataModule, Item,
-                                       check_manifest, dataset_slug, load_or_create_manifest, manifest_path,
-                                       test_split_of)
+from xclip.datamodules.fewshot import (
+    MANIFEST_FORMAT,
+    FewShotData,
+    FewShotDataError,
+    FewShotDataModule,
+    Item,
+    check_manifest,
+    dataset_slug,
+    load_or_create_manifest,
+    manifest_path,
+    test_split_of,
+)
 from xclip.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)

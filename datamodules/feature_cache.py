@@ -80,16 +80,6 @@ def encode_texts(backbone, texts: Sequence[str], batch_size: int = 256) -> torch
 
 
 @torch.no_grad()
-def encode_pils(backbone, images, batch_size: int = 64) -> torch.Tensor:
-    """list of PIL images -> [N, d] normalised (through the backbone's preprocess)."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.stack([backbone.preprocess(im) for im in images[i:i + batch_size]]).to(backbone.device)
-        out.append(backbone.encode_image(x, normalize=True).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def class_feature_matrices(backbone, dataset: QuintupleDataset) -> dict[str, torch.Tensor]:
     """class_text [C, d]: mean of each class's prompt embeddings, renormalised; class_word_image [C, d]: the
     class name rendered on a blank canvas (the image-to-image classifier of 5.2)."""
@@ -100,7 +90,7 @@ def class_feature_matrices(backbone, dataset: QuintupleDataset) -> dict[str, tor
     size = round(dataset.font_size * canvas / dataset.canvas_size)
     style = TextStyle(font=dataset.fonts[0], size=size, fill=tuple(dataset.style.colour))
     imgs = [draw_word(None, c.replace("_", " "), style, random.Random(0), canvas)[0] for c in dataset.classnames]
-    return {"class_text": class_text, "class_word_image": encode_pils(backbone, imgs)}
+    return {"class_text": class_text, "class_word_image": backbone.encode_pil(imgs)}
 
 
 @torch.no_grad()

@@ -37,7 +37,6 @@ are the dataset's class folders, else by order).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import re
@@ -45,19 +44,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+import open_clip
 import pytorch_lightning as pl
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from xclip.datamodules.resumable import ResumableLoader, is_distributed
+from xclip.utils.images import list_images
 from xclip.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_MEAN: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_MEAN)
+OPENAI_STD: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_STD)
 MANIFEST_FORMAT = 1
 FewShotSampler = Literal["xclip", "dassl"]
 
@@ -101,8 +100,7 @@ class ImageFolderSource:
             for key in self.class_keys:
                 folder = self.root / split / key
                 if folder.is_dir():
-                    out += [(f"{split}/{key}/{p.name}", self._index[key]) for p in sorted(folder.iterdir())
-                            if p.suffix.lower() in IMAGE_EXTENSIONS]
+                    out += [(f"{split}/{key}/{p.name}", self._index[key]) for p in list_images(folder)]
             self._items[split] = out
         return self._items[split]
 

@@ -18,18 +18,24 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
 
-from xclip.datamodules.text_render import (DEFAULT_WORD_LIST, TextStyle, draw_word, load_word_list, nonsense_word,
-                                     resolve_fonts)
+from xclip.datamodules.text_render import (
+    DEFAULT_WORD_LIST,
+    TextStyle,
+    draw_word,
+    load_word_list,
+    nonsense_word,
+    resolve_fonts,
+)
+from xclip.utils.images import list_images
 from xclip.utils.io import read_json
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 SPLITS = ("train", "val", "test")
 
 
@@ -73,10 +79,10 @@ class ImageFolderSource:
         folders = sorted(p for p in self.root.iterdir() if p.is_dir())
         self.files: list[tuple[Path, int]] = []
         for ci, folder in enumerate(folders):
-            self.files += [(f, ci) for f in sorted(folder.iterdir()) if f.suffix in IMAGE_EXTS]
+            self.files += [(f, ci) for f in list_images(folder)]
         if not self.files:
             raise ValueError(f"Image folder {self.root} holds no images under class sub-folders "
-                             f"(expected {self.root}/<class>/<image>{IMAGE_EXTS[0]}).")
+                             f"(expected {self.root}/<class>/<image>.png|.jpg|...).")
         names = [p.name for p in folders]
         if class_index is not None:
             mapping = _read_class_index(Path(class_index))

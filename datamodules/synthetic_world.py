@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import open_clip
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
@@ -38,8 +39,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 205, 20), "purple": (140, 40, 180), "orange": (245, 130, 20),
 }
 SIZE_WORDS = ("small", "big")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_MEAN)
+CLIP_STD: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_STD)
 
 # Caption templates (the zero-shot prompts of the world's evaluation use the same forms).
 OBJECT_TEMPLATES = ("a photo of a {colour} {shape}.", "a {colour} {shape}.", "a {size} {colour} {shape}.")

@@ -7,32 +7,15 @@ from typing import Iterable, Sequence
 import torch
 from PIL import Image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
 
 def encode_pil(model, images: Iterable[Image.Image], batch_size: int = 64) -> torch.Tensor:
     """PIL images -> [N, D'] normalised (and projected, when the EvalModel has W) image embeddings."""
-    transform = model.image_transform()
-    feats, batch = [], []
-    for img in images:
-        batch.append(transform(img.convert("RGB")))  # [3, H, W]
-        if len(batch) == batch_size:
-            feats.append(model.encode_images(torch.stack(batch)).cpu())
-            batch = []
-    if batch:
-        feats.append(model.encode_images(torch.stack(batch)).cpu())
-    if not feats:
-        raise ValueError("encode_pil: no images to encode")
-    return torch.cat(feats)
+    return model.backbone.encode_pil(images, batch_size, encode=model.encode_images)
 
 
 def class_features(model, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """[C, D'] prompt-ensembled class embeddings on the CPU."""
     return model.class_text_features(list(names), templates=tuple(templates)).cpu()
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 def check_templates(templates: Sequence[str], flag: str) -> list[str]:

@@ -21,7 +21,6 @@ import torch
 from xclip.evaluation._images import open_image, require
 from xclip.evaluation.common import RunContext, read_json_file
 
-
 NAME = "detection_ap"
 HELP = "DETR detections on generated images vs conditioning boxes: COCO AP / AP50 / AP75 / AR1/10/100"
 LAYOUT = ("DIR/annotations.json = {\"<image file>\": [{\"label\": \"dog\", \"box\": [x0, y0, x1, y1]}, ...]} "

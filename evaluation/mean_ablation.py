@@ -51,8 +51,14 @@ def check(s: Settings, ctx: RunContext | None = None) -> None:
 
 
 def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
-    from xclip.analysis.ablation import (AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads,
-                                   zero_shot_accuracy)
+    from xclip.analysis.ablation import (
+        AblationSpec,
+        ablated_embeddings,
+        ablation_table,
+        dataset_means,
+        parse_heads,
+        zero_shot_accuracy,
+    )
     from xclip.analysis.datasets import build_classifier, load_classification
     from xclip.analysis.decomposition import decompose_images
 

@@ -165,8 +165,14 @@ def mass_in_box(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def run(model, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
-    from xclip.generation.vqgan_clip import (METHODS, RegionPrompt, VQGANCLIPConfig, generate, load_vqgan_from_args,
-                                       save_image)
+    from xclip.generation.vqgan_clip import (
+        METHODS,
+        RegionPrompt,
+        VQGANCLIPConfig,
+        generate,
+        load_vqgan_from_args,
+        save_image,
+    )
     from xclip.losses.spatial import box_mask
     from xclip.metrics.saliency import OtsuPRF
     from xclip.utils.io import atomic_write_bytes, atomic_write_json

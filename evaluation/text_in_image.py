@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from xclip.evaluation._images import IMAGE_EXTS, list_images, open_image, require
+from xclip.evaluation._images import open_image, require
 from xclip.evaluation.common import RunContext
+from xclip.utils.images import IMAGE_EXTENSIONS as IMAGE_EXTS
+from xclip.utils.images import list_images
 
 NAME = "text_in_image"
 HELP = "rate of generated images in which tesseract OCR finds text (per confidence threshold and sub-folder)"

@@ -15,9 +15,10 @@ from typing import Literal
 import torch
 
 from xclip.datamodules.typographic_real import EXPECTED_LAYOUT, TypoSample, load_typographic_real, make_attacks
-from xclip.evaluation._images import check_templates, class_features, encode_pil, list_images, open_image, require
+from xclip.evaluation._images import check_templates, class_features, encode_pil, open_image, require
 from xclip.evaluation.common import RunContext
 from xclip.models.zero_shot import zero_shot_logits
+from xclip.utils.images import list_images
 
 NAME = "typographic"
 HELP = "typographic-attack accuracy: clean vs word-attacked images (real 180-photo set, an image folder, the world)"

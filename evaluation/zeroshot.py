@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import multiclass_accuracy
 
-from xclip.datamodules.fewshot import (FewShotDataError, SplitDataset, filter_bad_images, open_source, read_classnames,
-                                 test_split_of)
+from xclip.datamodules.fewshot import (
+    FewShotDataError,
+    SplitDataset,
+    filter_bad_images,
+    open_source,
+    read_classnames,
+    test_split_of,
+)
 from xclip.evaluation._images import require
 from xclip.evaluation.common import EvalModel, RunContext
 from xclip.models.zero_shot import load_templates, zero_shot_classifier, zero_shot_logits
@@ -95,11 +102,8 @@ def run(model: EvalModel, s: Settings = Settings(), ctx: RunContext | None = Non
     rows = []
     for name, W in classifiers.items():
         pred = zero_shot_logits(img, W).argmax(-1)  # [N]
-        acc = (pred == labels).float().mean().item()
-        per_class = torch.zeros(len(classnames), device=img.device).index_add_(0, labels, (pred == labels).float())
-        counts = torch.bincount(labels, minlength=len(classnames)).clamp_min(1)
-        results[f"top1/{name}"] = acc
-        results[f"mean_per_class/{name}"] = (per_class / counts).mean().item()
+        results[f"top1/{name}"] = multiclass_accuracy(pred, labels, len(classnames), average="micro").item()
+        results[f"mean_per_class/{name}"] = multiclass_accuracy(pred, labels, len(classnames), average="macro").item()
         rows.append([name, results[f"top1/{name}"], results[f"mean_per_class/{name}"]])
     results["tables"] = {"accuracy": {"columns": ["classifier", "top1", "mean_per_class"], "data": rows}}
     return results

@@ -329,7 +329,6 @@ def load_language_model(name_or_dir: str = "gpt2-medium", device: str | torch.de
 #     xclip generate zerocap --config configs/zerocap/arithmetic.yaml --arith_images a.jpg b.jpg c.jpg \
 #         --arith_weights 1 1 -1
 # The task presets of ZeroCapConfig.for_task are configs/zerocap/{caption,knowledge,ocr,arithmetic}.yaml.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def add_arguments(p) -> None:
@@ -354,13 +353,15 @@ def add_arguments(p) -> None:
 def _image_files(paths: Sequence[str], flag: str = "--images") -> list[str]:
     from pathlib import Path
 
+    from xclip.utils.images import IMAGE_EXTENSIONS, list_images
+
     out = []
     for p in paths:
         q = Path(p)
         if q.is_dir():
-            found = sorted(str(f) for f in q.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = [str(f) for f in list_images(q)]
             if not found:
-                raise SystemExit(f"{flag} {p}: folder holds no {'/'.join(IMAGE_SUFFIXES)} image; pass image files "
+                raise SystemExit(f"{flag} {p}: folder holds no {'/'.join(IMAGE_EXTENSIONS)} image; pass image files "
                                  f"or a folder of images")
             out += found
         elif q.is_file():
@@ -496,7 +497,6 @@ def run(args) -> dict:
 
 def reference_metrics(results: list[dict], references_json: str) -> dict:
     """BLEU-1..4 (torchmetrics) against references; CIDEr-D and METEOR too when pycocoevalcap is installed."""
-    import json
     from pathlib import Path
 
     from torchmetrics.functional.text import bleu_score

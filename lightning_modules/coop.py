@@ -24,8 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from xclip.lightning_modules.base import FrozenBackboneModule
-from xclip.models.prompt_learner import (DasslPromptCheckpoint, PromptLearner, check_prompt_file_backbone,
-                                         read_dassl_prompt_checkpoint)
+from xclip.models.prompt_learner import (
+    DasslPromptCheckpoint,
+    PromptLearner,
+    check_prompt_file_backbone,
+    read_dassl_prompt_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 RELEVANCE_IMAGES = 4  # validation images whose relevance overlay goes to W&B each validation epoch

@@ -31,7 +31,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import open_clip
 import torch
@@ -146,6 +146,26 @@ class ClipBackbone(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[N, L] token ids -> [N, D]."""
         return self.model.encode_text(tokens, normalize=normalize)
+
+    @torch.no_grad()
+    def encode_pil(self, images: Iterable, batch_size: int = 64,
+                   encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """PIL images -> [N, D] float32 CPU embeddings, through ``preprocess`` in batches of ``batch_size``.
+
+        ``encode`` maps a [b, 3, H, W] batch (on the model's device) to embeddings; default: L2-normalised
+        ``encode_image`` (an evaluation model passes its projected encoder)."""
+        encode = encode or (lambda x: self.encode_image(x, normalize=True))
+        feats, batch = [], []
+        for img in images:
+            batch.append(self.preprocess(img.convert("RGB")))                  # [3, H, W]
+            if len(batch) == batch_size:
+                feats.append(encode(torch.stack(batch).to(self.device)).float().cpu())
+                batch = []
+        if batch:
+            feats.append(encode(torch.stack(batch).to(self.device)).float().cpu())
+        if not feats:
+            raise ValueError("encode_pil: no images to encode")
+        return torch.cat(feats)                                                 # [N, D]
 
     def freeze(self) -> "ClipBackbone":
         self.model.eval()

@@ -123,7 +123,6 @@ class PromptLearner(nn.Module):
         tokens = tokens.to(self.ctx.device)
         emb = bb.model.token_embedding(tokens).to(self.ctx.dtype)  # [C, L, W]
         eot = tokens.argmax(-1)  # [C]
-        C = len(names)
         idx0 = {"end": 1 + M, "middle": 1 + M // 2, "front": 1}[self.class_token_position]
         positions = torch.arange(L, device=tokens.device)
         lens = torch.tensor(name_lens, device=tokens.device)

@@ -15,7 +15,6 @@ single-head over H*W), Downsample = pad (0,1,0,1) + 3x3 stride-2 conv, Upsample 
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence

@@ -39,9 +39,10 @@ def make_colour_folder(root: Path, n_train: int = 6, n_test: int = 8, size: int 
 def make_world_folder(root: Path, shapes: list[str], n_train: int, n_test: int, seed: int = 0,
                       image_size: int = 64) -> Path:
     """Shapes of random colours rendered by datamodules.synthetic_world (classes = shapes)."""
-    from xclip.datamodules.synthetic_world import COLOURS as WORLD_COLOURS, render_object
-
     import random
+
+    from xclip.datamodules.synthetic_world import COLOURS as WORLD_COLOURS
+    from xclip.datamodules.synthetic_world import render_object
 
     rng = random.Random(seed)
     colours = list(WORLD_COLOURS)

@@ -2,11 +2,10 @@
 import pytest
 import torch
 import yaml
-
-from xclip import evaluate
-from xclip import train
-from xclip.lightning_modules.base import load_method_checkpoint
 from _toy_methods import OtherToy, ToyProjection
+
+from xclip import evaluate, train
+from xclip.lightning_modules.base import load_method_checkpoint
 from xclip.utils.io import AtomicCheckpointIO
 
 TOY_CONFIG = {

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from coop_data import make_colour_folder
 
 from xclip.lightning_modules.coop import CoOp, warmup_cosine_factor
 from xclip.losses.explainability import _chunk_loss, classname_scores, coop_expl_loss, ntlb_expl_loss
 from xclip.models.prompt_learner import PromptLearner
 from xclip.models.zero_shot import load_templates, zero_shot_classifier
-from coop_data import make_colour_folder
 
 NAMES = ["dog", "hot dog", "traffic_light"]
 REPO = Path(__file__).resolve().parent.parent
@@ -142,8 +142,9 @@ def test_expl_gradient_reaches_context_and_chunking_is_exact(one_thread):
 
 
 def test_checkpoint_round_trip_and_class_text_features(tmp_path):
-    from xclip.lightning_modules.base import load_method_checkpoint
     import pytorch_lightning as pl
+
+    from xclip.lightning_modules.base import load_method_checkpoint
 
     torch.manual_seed(0)  # the random tiny backbone is rebuilt from the same seed below
     m = CoOp("tiny-vit-test", None, classnames=NAMES, n_ctx=4)
@@ -175,8 +176,7 @@ def test_zero_shot_templates(tiny_backbone):
 
 def test_coop_beats_zero_shot_end_to_end(tmp_path, monkeypatch, one_thread):
     """train.py fit on the tiny config, then evaluate.py --suite zeroshot on the checkpoint."""
-    from xclip import evaluate
-    from xclip import train
+    from xclip import evaluate, train
 
     root = make_colour_folder(tmp_path / "colours", n_train=8, n_test=10)
     monkeypatch.chdir(tmp_path)
@@ -325,8 +325,9 @@ def test_world_clip_coop_beats_template_and_expl_raises_score(tmp_path, one_thre
     ckpt = REPO / "checkpoints" / "tiny_clip_world.pt"
     if not ckpt.is_file():
         pytest.skip(f"{ckpt} not trained yet")
-    from xclip.datamodules.fewshot import FewShotDataModule
     from coop_data import make_world_folder
+
+    from xclip.datamodules.fewshot import FewShotDataModule
 
     shapes = ["circle", "square", "triangle", "star", "heart", "cross"]
     size = CoOp("tiny-vit-world", "synthetic-world", classnames=shapes, n_ctx=4).backbone.image_size

@@ -71,12 +71,10 @@ def test_direction_on_shipped_backbone(tmp_path):
 
     (Word-retrieval metrics are at chance for intermediate world CLIPs, so the word side is asserted only when the
     baseline reads words at all.)"""
-    from xclip import demo
     import pytorch_lightning as pl
 
+    from xclip import demo, train
     from xclip.lightning_modules.spelling import SpellingProjection, evaluate_features, fit_on_features
-
-    from xclip import train
 
     args = demo.parse_args(["--out", str(tmp_path), "--n_train", "1000", "--n_val", "300", "--wandb", "false"])
     module = SpellingProjection("tiny-vit-world", "synthetic-world", k=64, preset="forget_to_spell", lr=3e-3,

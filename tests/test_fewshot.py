@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
+from coop_data import make_colour_folder
 
 from xclip.datamodules.fewshot import FewShotDataError, FewShotDataModule, read_classnames, resolve_fewshot
-from coop_data import make_colour_folder
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import random
 from typing import Callable
 
 import pytest

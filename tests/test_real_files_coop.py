@@ -20,8 +20,7 @@ from PIL import Image
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
-from xclip.datamodules.coop_datasets import (LAYOUTS, CoOpDatasetDataModule, read_split_fewshot_pkl,
-                                             read_split_zhou)
+from xclip.datamodules.coop_datasets import LAYOUTS, CoOpDatasetDataModule, read_split_fewshot_pkl, read_split_zhou
 from xclip.datamodules.fewshot import FewShotDataError
 from xclip.lightning_modules.coop import CoOp, load_coop_prompt_checkpoint
 from xclip.models.prompt_learner import is_dassl_prompt_checkpoint, read_dassl_prompt_checkpoint

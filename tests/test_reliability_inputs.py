@@ -114,7 +114,8 @@ def test_vqgan_cli_list_replaces_config_list(tmp_path):
 
 
 def test_vqgan_json_is_strict_and_unchanged_image_warns(tiny_backbone, tmp_path, caplog):
-    from xclip.generation.vqgan_clip import RegionPrompt, VQGANCLIPConfig, generate as run_generation
+    from xclip.generation.vqgan_clip import RegionPrompt, VQGANCLIPConfig
+    from xclip.generation.vqgan_clip import generate as run_generation
     from xclip.models.vqgan import tiny_vqgan
 
     cfg = VQGANCLIPConfig(width=32, height=32, steps=1, cutn=2, method="plain", lr=1e-9, seed=0)

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from coop_data import make_colour_folder
 
 pytestmark = pytest.mark.reliability

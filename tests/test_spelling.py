@@ -7,8 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xclip.losses.contrastive import (PAIRS, PRESETS, orthogonality_penalty, resolve_weights, spelling_objective,
-                                symmetric_infonce)
+from xclip.losses.contrastive import (
+    PAIRS,
+    PRESETS,
+    orthogonality_penalty,
+    resolve_weights,
+    spelling_objective,
+    symmetric_infonce,
+)
 from xclip.metrics.spelling import PairedRetrieval, ZeroShotTop1, paired_retrieval_top1
 
 
@@ -144,9 +150,10 @@ def test_apply_projection_normalises_and_is_shape_aware():
 
 
 def test_checkpoint_keeps_only_w_and_load_projection(tmp_path, one_thread):
+    from _spelling_fixtures import synthetic_features
+
     from xclip.lightning_modules.base import load_method_checkpoint
     from xclip.lightning_modules.spelling import SpellingProjection, fit_on_features, load_projection
-    from _spelling_fixtures import synthetic_features
 
     m = _module(preset="forget_to_spell", k=16, lr=1e-2)
     trainer = fit_on_features(m, synthetic_features(64, 20, 0), None, max_epochs=1, batch_size=32)
@@ -173,9 +180,9 @@ def test_checkpoint_keeps_only_w_and_load_projection(tmp_path, one_thread):
 def test_direction_on_structured_features(one_thread):
     """Forget-to-spell removes word information and keeps the class; learn-to-spell does the opposite."""
     import pytorch_lightning as pl
+    from _spelling_fixtures import synthetic_features
 
     from xclip.lightning_modules.spelling import evaluate_features, fit_on_features
-    from _spelling_fixtures import synthetic_features
 
     train = synthetic_features(1024, 300, seed=0)
     val = synthetic_features(512, 400, seed=1, word_offset=1)        # unseen words

@@ -7,8 +7,16 @@ import pytest
 import torch
 from PIL import Image, ImageChops
 
-from xclip.datamodules.quintuples import (ImageFolderSource, QuintupleDataset, StyleConfig, SyntheticWorldSource,
-                                    WordConfig, WordSampler, class_prompt, word_split)
+from xclip.datamodules.quintuples import (
+    ImageFolderSource,
+    QuintupleDataset,
+    StyleConfig,
+    SyntheticWorldSource,
+    WordConfig,
+    WordSampler,
+    class_prompt,
+    word_split,
+)
 
 
 @pytest.fixture

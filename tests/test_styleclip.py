@@ -9,8 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xclip.models.stylegan2 import (Generator, GeneratorCheckpointError, build_generator, load_generator,
-                              load_generator_state, make_kernel)
+from xclip.models.stylegan2 import (
+    Generator,
+    GeneratorCheckpointError,
+    build_generator,
+    load_generator,
+    load_generator_state,
+    make_kernel,
+)
 
 TINY = dict(size=32, style_dim=64, n_mlp=2, channel_multiplier=2, channel_max=16)
 
@@ -215,8 +221,8 @@ def test_arcface_loads_ir_se50_state_dict_strictly(tmp_path):
 
 
 def test_identity_loss_zero_for_identical_images_and_positive_otherwise():
-    from xclip.models.arcface import IRSE50, arcface_preprocess
     from xclip.losses.styleclip import IDLoss
+    from xclip.models.arcface import IRSE50, arcface_preprocess
 
     torch.manual_seed(0)
     net = IRSE50(stages=[(16, 16, 1), (16, 32, 1), (32, 32, 1), (32, 64, 1)], embed_dim=32)

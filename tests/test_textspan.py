@@ -3,8 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xclip.analysis.ablation import (AblationSpec, ablated_embeddings, ablation_table, dataset_means, parse_heads,
-                               zero_shot_accuracy)
+from xclip.analysis.ablation import (
+    AblationSpec,
+    ablated_embeddings,
+    ablation_table,
+    dataset_means,
+    parse_heads,
+    zero_shot_accuracy,
+)
 from xclip.analysis.decomposition import DecompositionError, decompose_images
 from xclip.analysis.textspan import textspan
 

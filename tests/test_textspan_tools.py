@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from xclip.analysis.segmentation import (SegmentationMetrics, average_precision, class_heatmaps, foreground,
-                                         two_channel_ap)
+from xclip.analysis.segmentation import (
+    SegmentationMetrics,
+    average_precision,
+    class_heatmaps,
+    foreground,
+    two_channel_ap,
+)
 from xclip.analysis.store import ShardedArray, ShardedWriter, get_head_column
 
 

@@ -10,11 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from xclip.generation.vqgan_clip import (RegionPrompt, VQGANCLIPConfig, generate, parse_prompt, position_words,
-                                   spherical_distance)
+from xclip.generation.vqgan_clip import (
+    RegionPrompt,
+    VQGANCLIPConfig,
+    generate,
+    parse_prompt,
+    position_words,
+    spherical_distance,
+)
 from xclip.losses.spatial import box_mask, overlap_score, spatial_relevance_loss
-from xclip.models.vqgan import (TINY_DDCONFIG, VQGANConfigError, clamp_with_grad, load_vqgan, taming_yaml, tiny_vqgan,
-                          vector_quantize)
+from xclip.models.vqgan import (
+    TINY_DDCONFIG,
+    VQGANConfigError,
+    clamp_with_grad,
+    load_vqgan,
+    taming_yaml,
+    tiny_vqgan,
+    vector_quantize,
+)
 
 WORLD_CKPT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny_clip_world.pt"
 

@@ -187,9 +187,9 @@ def test_styleclip_mapper_before_after_grid(tmp_path):
 
 def test_coop_validation_logs_relevance_overlays(tmp_path):
     import pytorch_lightning as pl
+    from coop_data import make_colour_folder
     from pytorch_lightning.loggers import WandbLogger
 
-    from coop_data import make_colour_folder
     from xclip.datamodules.fewshot import FewShotDataModule
     from xclip.lightning_modules.coop import RELEVANCE_IMAGES, CoOp
 
@@ -231,13 +231,13 @@ def test_coop_relevance_overlay_is_the_relevance_map(tiny_backbone):
 
 
 def test_zerocap_table_and_captioned_images(tmp_path):
+    import random
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     from xclip.datamodules.synthetic_world import render_object
     from xclip.generation.zerocap import main
-
-    import random
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -5,9 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from xclip.datamodules.synthetic_world import (COLOURS, SHAPES, SyntheticWorldDataModule, WorldDataset, caption_for,
-                                         render_object, shape_mask, typographic_split, word_split,
-                                         world_vocabulary)
+from xclip.datamodules.synthetic_world import (
+    COLOURS,
+    SHAPES,
+    SyntheticWorldDataModule,
+    WorldDataset,
+    caption_for,
+    render_object,
+    shape_mask,
+    typographic_split,
+    word_split,
+    world_vocabulary,
+)
 
 
 def test_shapes_and_colours_are_single_clip_tokens():

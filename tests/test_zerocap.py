@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from xclip.datamodules.synthetic_world import COLOURS, SHAPES, render_object, to_tensor
-from xclip.generation.zerocap import ZeroCap, ZeroCapConfig, clip_s, forbidden_token_ids
+from xclip.generation.zerocap import ZeroCap, ZeroCapConfig, forbidden_token_ids
 from xclip.models.clip_backbone import SHIPPED_WEIGHTS, build_clip
 
 
