@@ -36,7 +36,6 @@ import sys
 import time
 
 
-
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -124,7 +124,6 @@ def _time(fn) -> float:
 
 def worker(args) -> None:
     import torch
-
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     from xclip.models.clip_backbone import build_clip

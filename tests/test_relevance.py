@@ -6,10 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xclip.models.relevance import (RelevanceError, capture_attention, encode_text_from_embeddings, image_relevance,
-                                    normalise_token_relevance, patch_grid, relevance, text_eot_index, text_relevance,
-                                    text_relevance_from_embeddings, word_relevance, word_token_spans,
-                                    words_token_mask)
+from xclip.models.relevance import (
+    RelevanceError,
+    capture_attention,
+    encode_text_from_embeddings,
+    image_relevance,
+    normalise_token_relevance,
+    patch_grid,
+    relevance,
+    text_eot_index,
+    text_relevance,
+    text_relevance_from_embeddings,
+    word_relevance,
+    word_token_spans,
+    words_token_mask,
+)
 
 TEXTS = ["a photo of a dog.", "a red square", "hello world, this is a longer caption"]
 
