@@ -17,7 +17,7 @@ import math
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import open_clip
@@ -47,6 +47,12 @@ OBJECT_TEMPLATES = ("a photo of a {colour} {shape}.", "a {colour} {shape}.", "a 
 WORD_TEMPLATES = ("the word {word}.", "a sign that says {word}.")
 OBJECT_WORD_TEMPLATES = ("a {colour} {shape} with the word {word} on it.",
                          "the word {word} written on a {colour} {shape}.")
+# "web" captions (issue 18): signs, labels and products are captioned by the word they show, as on the web.
+WEB_WORD_TEMPLATES = ("{word}", "{word}.", "a {word}.", "the word {word}.", "a sign that says {word}.",
+                      "{word} {word}", "a label that reads {word}.")
+WEB_OBJECT_WORD_TEMPLATES = ("{word}", "{word}.", "a {word}.")   # the written word alone, for a share of the items
+WordCaptions = Literal["sign", "web"]
+ObjectWordCaptions = Literal["describe", "web"]
 VOCAB_SIZE = 500   # dictionary words used by the world (a fixed seeded subset of single-token words)
 
 
@@ -255,12 +261,16 @@ def render_object(shape: str, colour: str, rng: random.Random, image_size: int =
     return image, bbox
 
 
-def render_word(word: str, rng: random.Random, image_size: int = 64) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def render_word(word: str, rng: random.Random, image_size: int = 64, size_range: tuple[float, float] = (0.28, 0.45),
+                n_fonts: int = 0) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """A word image: ``word`` in a random font / dark colour / position on a textured background.
+    ``size_range``: font size as a fraction of the side; ``n_fonts``: use only the first n fonts (0: all).
     Returns (image, canvas box)."""
     image = render_background(rng, image_size)
     fill = (rng.randint(0, 90), rng.randint(0, 90), rng.randint(0, 90))
-    style = TextStyle(font=rng.choice(_fonts()), size=rng.randint(int(image_size * 0.28), int(image_size * 0.45)),
+    fonts = _fonts()[:n_fonts] if n_fonts > 0 else _fonts()
+    style = TextStyle(font=rng.choice(fonts), size=rng.randint(int(image_size * size_range[0]),
+                                                               int(image_size * size_range[1])),
                       fill=fill, position="random", white_box=rng.random() < 0.15, box_pad=2)
     return _draw_word_fitting(image, word, style, rng), (0, 0, image_size, image_size)
 
@@ -280,14 +290,21 @@ def world_vocabulary(size: int = VOCAB_SIZE, seed: int = 0) -> tuple[str, ...]:
 
 
 def caption_for(kind: str, rng: random.Random, shape: str = "", colour: str = "", word: str = "",
-                size: str = "") -> str:
-    """Caption for an item of ``kind`` in {"object", "word", "object_word"}."""
+                size: str = "", word_captions: WordCaptions = "sign", object_word_captions: ObjectWordCaptions =
+                "describe", word_only_share: float = 0.3) -> str:
+    """Caption for an item of ``kind`` in {"object", "word", "object_word"}.
+
+    ``word_captions="web"``: a word image is captioned like a sign or label on the web (the word alone, "a {word}.",
+    ...). ``object_word_captions="web"``: an object with a word on it is captioned by the written word alone with
+    probability ``word_only_share``, else described as by default."""
     if kind == "object":
         tpl = rng.choice(OBJECT_TEMPLATES) if size else rng.choice(OBJECT_TEMPLATES[:2])
         return tpl.format(colour=colour, shape=shape, size=size)
     if kind == "word":
-        return rng.choice(WORD_TEMPLATES).format(word=word)
+        return rng.choice(WEB_WORD_TEMPLATES if word_captions == "web" else WORD_TEMPLATES).format(word=word)
     if kind == "object_word":
+        if object_word_captions == "web" and rng.random() < word_only_share:
+            return rng.choice(WEB_OBJECT_WORD_TEMPLATES).format(word=word)
         return rng.choice(OBJECT_WORD_TEMPLATES).format(colour=colour, shape=shape, word=word)
     raise ValueError(f"Unknown caption kind {kind!r}; expected 'object', 'word' or 'object_word'.")
 
@@ -314,7 +331,9 @@ class WorldDataset(Dataset):
 
     def __init__(self, seed: int = 0, length: int = 100_000, image_size: int = 64, word_share: float = 0.25,
                  object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
-                 return_pil: bool = False):
+                 return_pil: bool = False, word_captions: WordCaptions = "sign",
+                 object_word_captions: ObjectWordCaptions = "describe", word_only_share: float = 0.3,
+                 word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0):
         if not (0 <= word_share and 0 <= object_word_share and word_share + object_word_share <= 1):
             raise ValueError(f"word_share={word_share} and object_word_share={object_word_share} must be >= 0 "
                              f"and sum to at most 1.")
@@ -324,6 +343,14 @@ class WorldDataset(Dataset):
         self.word_share, self.object_word_share = float(word_share), float(object_word_share)
         self.nonsense_share, self.class_word_share = float(nonsense_share), float(class_word_share)
         self.return_pil = return_pil
+        if word_captions not in ("sign", "web") or object_word_captions not in ("describe", "web"):
+            raise ValueError(f"word_captions must be 'sign' or 'web' (got {word_captions!r}), object_word_captions "
+                             f"'describe' or 'web' (got {object_word_captions!r}).")
+        if not (0 < word_size[0] <= word_size[1] <= 1) or not 0 <= word_only_share <= 1 or n_fonts < 0:
+            raise ValueError(f"word_size must satisfy 0 < lo <= hi <= 1 (got {word_size}), word_only_share in [0, 1] "
+                             f"(got {word_only_share}), n_fonts >= 0 (got {n_fonts}).")
+        self.word_captions, self.object_word_captions = word_captions, object_word_captions
+        self.word_only_share, self.word_size, self.n_fonts = float(word_only_share), tuple(word_size), int(n_fonts)
         self.vocab = world_vocabulary()
 
     def __len__(self) -> int:
@@ -342,9 +369,9 @@ class WorldDataset(Dataset):
         u = rng.random()
         if u < self.word_share:
             word = self._random_word(rng)
-            image, _ = render_word(word, rng, self.image_size)
+            image, _ = render_word(word, rng, self.image_size, self.word_size, self.n_fonts)
             return dict(image=image, kind="word", shape="", colour="", word=word, label=-1,
-                        caption=caption_for("word", rng, word=word))
+                        caption=caption_for("word", rng, word=word, word_captions=self.word_captions))
         shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
         if u < self.word_share + self.object_word_share:
             if rng.random() < self.class_word_share:
@@ -354,7 +381,9 @@ class WorldDataset(Dataset):
             image, _ = render_object(shape, colour, rng, self.image_size, word=word)
             return dict(image=image, kind="object_word", shape=shape, colour=colour, word=word,
                         label=SHAPES.index(shape),
-                        caption=caption_for("object_word", rng, shape=shape, colour=colour, word=word))
+                        caption=caption_for("object_word", rng, shape=shape, colour=colour, word=word,
+                                            object_word_captions=self.object_word_captions,
+                                            word_only_share=self.word_only_share))
         image, bbox = render_object(shape, colour, rng, self.image_size)
         size = ""
         if rng.random() < 0.3:
@@ -451,11 +480,16 @@ class SyntheticWorldDataModule(pl.LightningDataModule):
 
     def __init__(self, seed: int = 0, train_length: int = 10_000_000, val_size: int = 400, batch_size: int = 128,
                  num_workers: int = 0, image_size: int = 64, word_share: float = 0.25,
-                 object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5):
+                 object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
+                 word_captions: WordCaptions = "sign", object_word_captions: ObjectWordCaptions = "describe",
+                 word_only_share: float = 0.3, word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        opts = dict(word_captions=word_captions, object_word_captions=object_word_captions,
+                    word_only_share=word_only_share, word_size=tuple(word_size), n_fonts=n_fonts)
         self.train_set = WorldDataset(seed, train_length, image_size, word_share, object_word_share,
-                                      nonsense_share, class_word_share)
+                                      nonsense_share, class_word_share, **opts)
+        # validation keeps the default captions and word sizes: its metrics stay comparable across configs
         self.val_set = WorldDataset(seed + 1_000_003, val_size, image_size, word_share, object_word_share,
                                     nonsense_share, class_word_share)
 

@@ -108,3 +108,30 @@ def test_datamodule_batches():
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (8, 3, 32, 32) and len(batch["caption"]) == 8
     assert batch["label"].shape == (8,)
+
+
+def test_reading_options_default_to_the_shipped_world_and_web_captions_name_the_word():
+    # defaults == the world the shipped CLIP was trained on: explicit defaults give identical items
+    base = WorldDataset(seed=0, length=60, image_size=32)
+    explicit = WorldDataset(seed=0, length=60, image_size=32, word_captions="sign", object_word_captions="describe",
+                            word_size=(0.28, 0.45), n_fonts=0)
+    for i in range(60):
+        assert torch.equal(base[i]["image"], explicit[i]["image"]) and base[i]["caption"] == explicit[i]["caption"]
+    # web captions: same images (captions are drawn after the image); word images and a share of the objects
+    # with a word are captioned by the written word alone or "a {word}."
+    web = WorldDataset(seed=0, length=400, image_size=32, word_captions="web", object_word_captions="web",
+                       word_only_share=0.5)
+    word_only = 0
+    for i in range(400):
+        b = web.sample(i)
+        if i < 60:
+            assert np.array_equal(np.asarray(base.sample(i)["image"]), np.asarray(b["image"]))
+        if b["kind"] != "object":
+            assert b["word"] in b["caption"]
+        if b["kind"] == "object_word":
+            word_only += b["caption"] in (b["word"], f"{b['word']}.", f"a {b['word']}.")
+    assert word_only > 10
+    with pytest.raises(ValueError, match="word_captions"):
+        WorldDataset(word_captions="tweet")
+    with pytest.raises(ValueError, match="word_size"):
+        WorldDataset(word_size=(0.5, 0.2))
