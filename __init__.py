@@ -37,6 +37,7 @@ _API: dict[str, str] = {
     "StyleCLIPMapperModule": "xclip.lightning_modules.styleclip_mapper",
     "ClipPretrain": "xclip.lightning_modules.clip_pretrain",
     "load_method_checkpoint": "xclip.lightning_modules.base",
+    "connect": "xclip.lightning_modules.base",
     # datamodules
     "SyntheticWorldDataModule": "xclip.datamodules.synthetic_world",
     "FewShotDataModule": "xclip.datamodules.fewshot",

@@ -53,11 +53,24 @@ def _check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out} is not a writable folder: {e.strerror or e}") from None
 
 
+def image_paths(cfg) -> list[str]:
+    """``--image`` paths; a relative one that is not found from the current folder is looked up next to the
+    ``--config`` files (so a packaged config's images are found from any folder)."""
+    config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
+    out = []
+    for p in cfg.image:
+        q = Path(p).expanduser()
+        if not q.is_absolute() and not q.exists():
+            q = next((d / q for d in reversed(config_dirs) if (d / q).exists()), q)
+        out.append(str(q))
+    return out
+
+
 def run(cfg) -> dict:
     """Checks, then the work. Returns {"png": path, "html": path | None, "wandb": dir | None, "result": ExplainResult}."""
     from xclip.models.explain import load_images
 
-    images = load_images(cfg.image)  # every image readable, else one error naming all bad paths
+    images = load_images(image_paths(cfg))  # every image readable, else one error naming all bad paths
     texts = [t for t in cfg.text if t.strip()]
     if len(texts) != len(cfg.text):
         raise ValueError("--text entries must be non-empty.")

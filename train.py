@@ -25,6 +25,7 @@ from pytorch_lightning.callbacks import ProgressBar, RichProgressBar  # noqa: E4
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
+from xclip.lightning_modules.base import connect  # noqa: E402
 from xclip.utils.io import AtomicCheckpointIO  # noqa: E402
 from xclip.utils.resume import default_run_dir, resolve_ckpt_path, use_run_checkpoint_dir  # noqa: E402
 from xclip.utils.threads import configure_threads  # noqa: E402
@@ -50,6 +51,10 @@ class CLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         if cfg is not None and cfg.get("trainer") is not None and cfg.trainer.get("default_root_dir") is None:
             cfg.trainer.default_root_dir = default_run_dir(cfg.get("config") or self.config.get("config") or [])
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        connect(self.model, self.datamodule)  # class names -> method, frozen CLIP -> feature datamodule
 
     def _resolve_ckpt_path(self, subcommand: str) -> None:
         cfg = self.config_init[subcommand]

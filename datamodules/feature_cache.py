@@ -197,8 +197,8 @@ def _class_feats(feats: dict[str, Any]) -> dict[str, torch.Tensor]:
 class SpellingFeatureDataModule(CachedFeatureDataModule):
     """Quintuples -> cached frozen-CLIP features -> batches of features for SpellingProjection.
 
-    The backbone is the LightningModule's own (``trainer.lightning_module.backbone``) when attached to a
-    Trainer, so the features always match the model; standalone use builds ``encoder``/``encoder_pretrained``.
+    The backbone is the method's own, given by ``connect(model, datamodule)`` (``xclip train`` calls it), so the
+    features always match the model; standalone use builds ``encoder``/``encoder_pretrained``.
 
     Args:
         source / val_source: "synthetic-world", "hf:NAME" or an image folder (val_source None -> source).
@@ -230,14 +230,18 @@ class SpellingFeatureDataModule(CachedFeatureDataModule):
         if position not in ("center", "random"):
             raise ValueError(f"position must be 'center' or 'random', got {position!r}.")
 
+    def use_backbone(self, backbone) -> None:
+        """The method's frozen CLIP, given by ``connect(model, datamodule)`` (``xclip train`` calls it), so the
+        cached features always match the model; the datamodule never reads ``trainer.lightning_module``."""
+        self._given_backbone = backbone
+
     def _backbone(self):
-        trainer = getattr(self, "trainer", None)
-        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        if module is not None and hasattr(module, "backbone"):
-            return module.backbone
+        if getattr(self, "_given_backbone", None) is not None:
+            return self._given_backbone
         if self.hparams.encoder is None:
-            raise ValueError("SpellingFeatureDataModule used without a Trainer needs `encoder` (a backbone name) "
-                             "and `encoder_pretrained`.")
+            raise ValueError("SpellingFeatureDataModule needs a CLIP: connect it to the method "
+                             "(xclip.connect(model, datamodule); xclip train does this) or set `encoder` (a "
+                             "backbone name) and `encoder_pretrained`.")
         from xclip.models.clip_backbone import build_clip
 
         self._own_backbone = getattr(self, "_own_backbone", None) or build_clip(

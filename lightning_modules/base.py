@@ -52,6 +52,21 @@ class FrozenBackboneModule(pl.LightningModule):
         _check_learned_keys(self, checkpoint.get("state_dict", {}), "<checkpoint>")
 
 
+def connect(model: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> None:
+    """The one place where a method and its datamodule meet, in one direction each, by configuration: the
+    datamodule's ``classnames`` / ``image_size`` go to a method with ``use_data`` (CoOp builds its prompts), the
+    method's frozen ``backbone`` goes to a datamodule with ``use_backbone`` (feature caches encode with it).
+    ``xclip train`` calls it once both are built; with a plain ``Trainer`` call it before ``fit``. Neither module
+    ever reads the other through the trainer."""
+    if datamodule is None:
+        return
+    if hasattr(model, "use_data"):
+        model.use_data(classnames=getattr(datamodule, "classnames", None),
+                       image_size=getattr(datamodule, "image_size", None))
+    if hasattr(datamodule, "use_backbone") and isinstance(getattr(model, "backbone", None), torch.nn.Module):
+        datamodule.use_backbone(model.backbone)
+
+
 def _check_learned_keys(module: pl.LightningModule, state: dict[str, Any], source: str) -> None:
     expected = {k for k in module.state_dict() if not k.startswith(FROZEN_PREFIX)}
     missing = sorted(expected - set(state))

@@ -4,7 +4,7 @@
     python train.py fit --config configs/coop/imagenet_1shot_expl.yaml        # + lambda * L_expl
 
 Only the prompt context is trained and saved.  Class names come from ``classnames`` / ``classnames_file`` or,
-when both are unset, from the datamodule (``trainer.datamodule.classnames``) at setup; they are then written into
+when both are unset, from the datamodule through ``connect(model, datamodule)`` (``xclip train`` calls it); they are then written into
 the checkpoint's hyperparameters so ``load_method_checkpoint`` rebuilds the same prompts.
 
 CoOp's released prompt files (``prompt_learner/model.pth.tar-N``) are read safely by
@@ -113,22 +113,25 @@ class CoOp(FrozenBackboneModule):
             with torch.no_grad():
                 self.prompt_learner.ctx.copy_(ctx.to(self.prompt_learner.ctx))
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        dm_names = list(getattr(dm, "classnames", None) or [])
-        if self.prompt_learner is None:
-            if not dm_names:
-                raise ValueError("CoOp has no class names: set model.classnames / model.classnames_file or use a "
-                                 "datamodule with a `classnames` attribute.")
-            self._build_prompts(dm_names)
-        elif dm_names and [c.replace("_", " ").strip() for c in dm_names] != self.prompt_learner.classnames:
+    def use_data(self, classnames: Sequence[str] | None = None, image_size: int | None = None) -> None:
+        """What the datamodule tells the method, given by ``connect(model, datamodule)`` (``xclip train`` calls it
+        once both are built; the module never reads ``trainer.datamodule``): its class names build the prompts
+        when the config gave none, and must equal the config's when it did; its image size must be the CLIP's."""
+        names = list(classnames or [])
+        if self.prompt_learner is None and names:
+            self._build_prompts(names)
+        elif names and [c.replace("_", " ").strip() for c in names] != self.prompt_learner.classnames:
             raise ValueError(f"CoOp class names ({len(self.prompt_learner.classnames)}: "
                              f"{self.prompt_learner.classnames[:3]}...) differ from the datamodule's "
-                             f"({len(dm_names)}: {dm_names[:3]}...).")
-        size = getattr(dm, "image_size", None)
-        if size is not None and int(size) != self.backbone.image_size:
-            raise ValueError(f"datamodule image_size={size} but backbone {self.backbone.name!r} expects "
+                             f"({len(names)}: {names[:3]}...).")
+        if image_size is not None and int(image_size) != self.backbone.image_size:
+            raise ValueError(f"datamodule image_size={image_size} but backbone {self.backbone.name!r} expects "
                              f"{self.backbone.image_size}; set data.init_args.image_size.")
+
+    def setup(self, stage: str) -> None:
+        if self.prompt_learner is None:
+            raise ValueError("CoOp has no class names: set model.classnames / model.classnames_file, or pass the "
+                             "datamodule's with xclip.connect(model, datamodule) (xclip train does this).")
 
     def _prompts(self) -> PromptLearner:
         if self.prompt_learner is None:
@@ -176,6 +179,8 @@ class CoOp(FrozenBackboneModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        if batch_idx == 0:
+            self._shown = (images[:4].detach(), labels[:4].detach())  # the images the relevance table shows
         out = self.compute_losses(images, labels)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=True, batch_size=len(labels))
         return out["loss"]
@@ -266,8 +271,9 @@ class CoOp(FrozenBackboneModule):
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
             return
-        images, labels = next(iter(self.trainer.datamodule.train_dataloader()))
-        images, labels = images[:4].to(self.device), labels[:4].to(self.device)
+        if getattr(self, "_shown", None) is None:
+            return
+        images, labels = self._shown
         pl_ = self._prompts()
         embeds, eot = pl_()
         rel, _ = text_relevance_from_embeddings(self.backbone, self.image_features(images), embeds.detach(), eot)

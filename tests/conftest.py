@@ -29,3 +29,12 @@ def tiny_backbone():
 
     torch.manual_seed(0)
     return build_clip("tiny-vit-test").freeze()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (large matmuls of real-size layouts; no oversubscription)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

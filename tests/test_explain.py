@@ -95,12 +95,14 @@ def test_unwritable_out_fails_before_work(world_images, tmp_path, capsys, monkey
 
 
 def test_example_config_parses_and_print_config_round_trips(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)  # the example's image paths are relative to the repository root
+    monkeypatch.chdir(tmp_path)  # any folder: the example's relative image paths are found next to the config
     parser = explain_cli.build_parser()
-    cfg = parser.parse_args(["--config", "configs/explain/world_example.yaml", "--out", str(tmp_path)])
-    assert cfg.text == TEXTS and cfg.backbone == "tiny-vit-world" and all(Path(p).is_file() for p in cfg.image)
+    example = str(REPO / "configs/explain/world_example.yaml")
+    cfg = parser.parse_args(["--config", example, "--out", str(tmp_path)])
+    assert cfg.text == TEXTS and cfg.backbone == "tiny-vit-world"
+    assert all(Path(p).is_file() for p in explain_cli.image_paths(cfg))
     with pytest.raises(SystemExit):
-        parser.parse_args(["--config", "configs/explain/world_example.yaml", "--out", str(tmp_path),
+        parser.parse_args(["--config", example, "--out", str(tmp_path),
                            "--start_layer_image", "0", "--print_config"])
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(capsys.readouterr().out)

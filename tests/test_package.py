@@ -59,6 +59,13 @@ def test_installed_package_runs_from_any_directory(wheel, tmp_path):
     res = subprocess.run([sys.executable, "-m", "xclip.cli", "--help"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "explain" in res.stdout, res.stderr[-2000:]
+    # `xclip explain` on the world CLIP with the packaged example config, from an unrelated folder
+    cfg = site / "xclip" / "configs" / "explain" / "world_example.yaml"
+    res = subprocess.run([sys.executable, "-m", "xclip.cli", "explain", "--config", str(cfg), "--out",
+                          str(tmp_path / "explain"), "--html", "false"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "explain" / "explain.png").stat().st_size > 10_000
 
 
 def test_no_sys_path_manipulation_left():

@@ -32,12 +32,7 @@ TINY_B32 = dict(embed_dim=32, vision_cfg=dict(image_size=64, layers=2, width=64,
 LOGGER = "xclip.models.clip_backbone"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- writing OpenAI's layouts -------------------------------------------------------------------------------

@@ -18,12 +18,7 @@ from PIL import Image
 ID2LABEL = {"0": "N/A", "1": "person", "17": "cat", "18": "dog"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def era_config(**arch) -> dict:

@@ -21,12 +21,7 @@ LEVELS = {"coarse": ("course_mapping", slice(0, 4)), "medium": ("medium_mapping"
           "fine": ("fine_mapping", slice(8, None))}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def styleclip_opts(**switches) -> dict:

@@ -10,12 +10,7 @@ TINY_MODULE = dict(backbone="tiny-vit-test", pretrained=None, description="a per
                    n_mean_latent=256, image_log_every_n_steps=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_levels_mapper_slices_and_disabled_levels():

@@ -191,12 +191,14 @@ def test_coop_validation_logs_relevance_overlays(tmp_path):
     from pytorch_lightning.loggers import WandbLogger
 
     from xclip.datamodules.fewshot import FewShotDataModule
+    from xclip.lightning_modules.base import connect
     from xclip.lightning_modules.coop import RELEVANCE_IMAGES, CoOp
 
     root = make_colour_folder(tmp_path / "colours", n_train=4, n_test=2, with_val=True)
     dm = FewShotDataModule(dataset=f"imagefolder:{root}", shots=2, data_dir=str(tmp_path / "data"), image_size=32,
                            batch_size=8, num_workers=0)
     model = CoOp("tiny-vit-test", None, n_ctx=4, warmup_epochs=0)
+    connect(model, dm)  # the datamodule's class names build the prompts (xclip train does this)
     logger = WandbLogger(project="xclip-test", save_dir=str(tmp_path), offline=True)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
