@@ -175,19 +175,9 @@ def _step_vqgan(device: str, precision: str = "32") -> dict[str, torch.Tensor]:
 
 def _tiny_lm():
     """A byte-level BPE + 1-layer GPT-2 with random weights (all local, a second to build)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from _tiny_lm import random_gpt2
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(["Image of a red star", "a blue circle on the left"] * 20,
-                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=1, n_head=2,
-                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    lm, tok = random_gpt2(["Image of a red star", "a blue circle on the left"] * 20)
     return lm.eval(), tok
 
 

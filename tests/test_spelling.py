@@ -110,15 +110,6 @@ def test_zero_shot_top1():
 
 
 # ---- the module -----------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """Tiny matmul loops run ~10x faster on a busy 2-core machine with one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _module(**kw):
     from xclip.lightning_modules.spelling import SpellingProjection
 

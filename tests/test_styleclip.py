@@ -21,12 +21,7 @@ from xclip.models.stylegan2 import (
 TINY = dict(size=32, style_dim=64, n_mlp=2, channel_multiplier=2, channel_max=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops, shared 2-core machine
 
 
 # ---- expected state-dict layouts, written from the architecture rules (not from our modules) ------------

@@ -32,12 +32,7 @@ from xclip.models.vqgan import (
 WORLD_CKPT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny_clip_world.pt"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threading only adds overhead on the shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops, shared 2-core machine
 
 
 def _taming_files(tmp_path: Path, n_embed: int = 32, embed_dim: int = 8, extra_keys: bool = True):

@@ -235,23 +235,13 @@ def test_coop_relevance_overlay_is_the_relevance_map(tiny_backbone):
 def test_zerocap_table_and_captioned_images(tmp_path):
     import random
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from _tiny_lm import random_gpt2
 
     from xclip.datamodules.synthetic_world import render_object
     from xclip.generation.zerocap import main
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(["Image of a red star", "a blue circle"] * 20,
-                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=1, n_head=2,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-                    ).save_pretrained(tmp_path / "lm")
+    lm, tok = random_gpt2(["Image of a red star", "a blue circle"] * 20)
+    lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     rng = random.Random(0)
     (tmp_path / "imgs").mkdir()

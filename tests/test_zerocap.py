@@ -23,19 +23,9 @@ def _captions(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_lm():
     """A byte-level BPE tokenizer + 2-layer GPT-2 trained for a few seconds on world captions (all local)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from _tiny_lm import random_gpt2
 
-    corpus = _captions(2000) + ["Image of 1 2 3 (x), y: z!"]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=64, n_layer=2, n_head=2,
-                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    lm, tok = random_gpt2(_captions(2000) + ["Image of 1 2 3 (x), y: z!"], vocab_size=400, n_embd=64, n_layer=2)
     ids = [[tok.bos_token_id] + tok.encode(c) for c in _captions(512, seed=1)]
     L = max(map(len, ids))
     batch = torch.tensor([x + [tok.eos_token_id] * (L - len(x)) for x in ids])
