@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = {  # subcommand -> module whose main(argv) runs it
-    "train": "xclip.train",
-    "evaluate": "xclip.evaluate",
-    "generate": "xclip.generate",
-    "analyze": "xclip.analyze",
-    "explain": "xclip.explain_cli",
-    "demo": "xclip.demo",
+SUBCOMMANDS: dict[str, tuple[str, str]] = {  # subcommand -> (module whose main(argv) runs it, one-line help)
+    "train": ("xclip.train", "LightningCLI: fit / validate / test / predict a config"),
+    "evaluate": ("xclip.evaluate", "evaluate a checkpoint or pretrained CLIP on named suites"),
+    "generate": ("xclip.generate", "per-sample generation: styleclip-*, vqgan-clip, zerocap"),
+    "analyze": ("xclip.analyze", "TextSpan decomposition, ablation, textspan, segmentation"),
+    "explain": ("xclip.explain_cli", "relevance maps for images x texts as a PNG grid (+ HTML)"),
+    "demo": ("xclip.demo", "forget-to-spell on the built-in world"),
 }
 USAGE = "usage: xclip {" + ",".join(SUBCOMMANDS) + "} [--help] ..."
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
-        print("\n".join(f"  {name:9s} {_summary(name)}" for name in SUBCOMMANDS))
+        print("\n".join(f"  {name:9s} {help_}" for name, (_, help_) in SUBCOMMANDS.items()))
         return 0
     if argv[0] in ("-V", "--version"):
         from xclip import __version__
@@ -35,17 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"xclip: unknown subcommand {name!r}\n{USAGE}", file=sys.stderr)
         return 2
-    result = importlib.import_module(SUBCOMMANDS[name]).main(rest)  # fixed table: no name from user input imported
+    result = importlib.import_module(SUBCOMMANDS[name][0]).main(rest)  # fixed table: no name from user input imported
     return result if isinstance(result, int) else 0
-
-
-def _summary(name: str) -> str:
-    return {"train": "LightningCLI: fit / validate / test / predict a config",
-            "evaluate": "evaluate a checkpoint or pretrained CLIP on named suites",
-            "generate": "per-sample generation: styleclip-*, vqgan-clip, zerocap",
-            "analyze": "TextSpan decomposition, ablation, textspan, segmentation",
-            "explain": "relevance maps for images x texts as a PNG grid (+ HTML)",
-            "demo": "forget-to-spell on the built-in world"}[name]
 
 
 if __name__ == "__main__":
