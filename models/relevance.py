@@ -365,18 +365,54 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y.T.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _mlp(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+class _FirstOrderGelu(torch.autograd.Function):
+    """GELU (exact erf form, or open_clip's QuickGELU) whose backward is one multiply by dGELU/dx, saved in the
+    forward.  Same values as the stock activation and its backward; first order only (no double backward).  Under
+    the batched backward (``is_grads_batched``) the stock ``gelu_backward`` re-evaluates erf / exp for every pass
+    (measured 46 ms against 21 ms for 10 passes over 8 ViT-B/32 images, per layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quick: bool) -> torch.Tensor:
+        if quick:  # x * sigmoid(1.702 x)
+            sig = torch.sigmoid(1.702 * x)
+            y = x * sig
+            ctx.save_for_backward(sig + 1.702 * y * (1 - sig))
+        else:  # x * Phi(x);  d/dx = Phi(x) + x * phi(x)
+            y = F.gelu(x)
+            ctx.save_for_backward(0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+                                  + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None
+
+
+def _activation(act: nn.Module, h: torch.Tensor, first_order: bool) -> torch.Tensor:
+    if first_order and torch.is_grad_enabled() and h.requires_grad:
+        from open_clip.transformer import QuickGELU
+
+        if type(act) is QuickGELU:
+            return _FirstOrderGelu.apply(h, True)
+        if type(act) is nn.GELU and act.approximate == "none":
+            return _FirstOrderGelu.apply(h, False)
+    return act(h)
+
+
+def _mlp(block: nn.Module, h: torch.Tensor, first_order: bool = False) -> torch.Tensor:
     mlp = block.mlp
     fc, act, proj = (getattr(mlp, n, None) for n in ("c_fc", "gelu", "c_proj"))
     if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(fc, nn.Linear) and isinstance(proj, nn.Linear) \
             and act is not None:
-        return _linear(act(_linear(h, fc.weight, fc.bias)), proj.weight, proj.bias)
+        return _linear(_activation(act, _linear(h, fc.weight, fc.bias), first_order), proj.weight, proj.bias)
     return mlp(h)
 
 
-def _block_tail(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def _block_tail(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor, first_order: bool = False) -> torch.Tensor:
     x = x + block.ls_1(attn_out)
-    return x + block.ls_2(_mlp(block, block.ln_2(x)))
+    return x + block.ls_2(_mlp(block, block.ln_2(x), first_order))
 
 
 def _engine_attention(block: nn.Module, keep: list[torch.Tensor] | None, h: torch.Tensor,
@@ -419,7 +455,7 @@ def _engine_attention(block: nn.Module, keep: list[torch.Tensor] | None, h: torc
 
 
 def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.Tensor, rows: torch.Tensor | int,
-                  attn_mask: torch.Tensor | None) -> torch.Tensor:
+                  attn_mask: torch.Tensor | None, first_order: bool = False) -> torch.Tensor:
     """Last block for the pooled query rows only. x: [n, N, W] (batch-first) -> [n, N, W], every row = pooled row."""
     mha: nn.MultiheadAttention = block.attn
     if not mha.batch_first:
@@ -445,7 +481,7 @@ def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.
     if mha.training and mha.dropout > 0:
         probs = F.dropout(probs, p=mha.dropout)
     out = _linear((probs @ v).reshape(n, W), mha.out_proj.weight, mha.out_proj.bias)  # [n, W]
-    xr = _block_tail(block, x[idx, rows], out)  # [n, W]
+    xr = _block_tail(block, x[idx, rows], out, first_order)  # [n, W]
     y = xr.unsqueeze(1).expand(n, N, W)
     return y if mha.batch_first else y.transpose(0, 1)
 
@@ -481,8 +517,11 @@ def _text_source_requires_grad(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def _relevance_tower(model: nn.Module, tower: str, start_layer: int, *, depth_limit: bool,
-                     pooled_rows: torch.Tensor | int | None) -> Iterator[AttentionStore]:
-    """Run ``tower`` with the block modes above; the store keeps the probabilities of the blocks >= start_layer."""
+                     pooled_rows: torch.Tensor | int | None, first_order: bool = False) -> Iterator[AttentionStore]:
+    """Run ``tower`` with the block modes above; the store keeps the probabilities of the blocks >= start_layer.
+
+    first_order: the graph is differentiated once only (create_graph=False): activations use a first-order backward.
+    """
     trunk = _tower_transformer(model, tower)
     if getattr(trunk, "grad_checkpointing", False):
         raise RelevanceError(f"Gradient checkpointing is enabled on the {tower} tower; disable it "
@@ -515,9 +554,10 @@ def _relevance_tower(model: nn.Module, tower: str, start_layer: int, *, depth_li
                 if _leaf:
                     q_x = q_x.detach().requires_grad_(True)
                 if _mode == "pooled":
-                    return _pooled_block(self, store, tower, q_x, pooled_rows, attn_mask)
+                    return _pooled_block(self, store, tower, q_x, pooled_rows, attn_mask, first_order)
                 keep = store.probs[tower] if _mode == "capture" else None
-                return _block_tail(self, q_x, _engine_attention(self, keep, self.ln_1(q_x), attn_mask, False))
+                return _block_tail(self, q_x, _engine_attention(self, keep, self.ln_1(q_x), attn_mask, False),
+                                   first_order)
 
             blk.forward = types.MethodType(forward, blk)
             patched.append(blk)
@@ -630,7 +670,8 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
         probs_v: list[torch.Tensor] = []
         if want_v:
             src_v = images.requires_grad or _requires_grad(model.visual)
-            with _relevance_tower(model, "visual", start_layer_image, depth_limit=not src_v, pooled_rows=0) as sv:
+            with _relevance_tower(model, "visual", start_layer_image, depth_limit=not src_v, pooled_rows=0,
+                                  first_order=not create_graph) as sv:
                 img = F.normalize(model.encode_image(images), dim=-1)  # [B, D]
             probs_v = sv["visual"]
         elif image_features is not None:
@@ -690,7 +731,7 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                 L_used = int(e_eot.max()) + 1 if parts.attn_mask is not None else L  # causal: later tokens unused
                 if want_t:
                     with _relevance_tower(model, "text", start_layer_text, depth_limit=not src_t,
-                                          pooled_rows=e_eot) as st:
+                                          pooled_rows=e_eot, first_order=not create_graph) as st:
                         t = encode_text_from_embeddings(model, e[:, :L_used], e_eot)  # [c, D]
                     probs_t = st["text"]
                 else:

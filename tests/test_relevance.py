@@ -464,3 +464,85 @@ def test_viz_returns_pil_images(tiny, inputs):
     assert isinstance(strip, Image.Image) and strip.size[0] >= 36 * len(pieces)
     with pytest.raises(ValueError, match="square"):
         overlay_relevance(torch.rand(3, 32, 32), torch.rand(15))
+
+
+# ------------------------------------------------------------------------------------------ engine kernels
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 50])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_engine_linear_equals_f_linear(rows, with_bias):
+    """_linear picks oneDNN (no graph), (W x^T)^T (few rows, graph) or F.linear: same values and gradients."""
+    from xclip.models.relevance import _linear
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 24, generator=g)
+    w, b = torch.randn(40, 24, generator=g), (torch.randn(40, generator=g) if with_bias else None)
+    ref = F.linear(x, w, b)
+    with torch.no_grad():
+        torch.testing.assert_close(_linear(x, w, b), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_linear(x.double(), w.double(), None if b is None else b.double()), ref.double(),
+                               atol=1e-5, rtol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    out = _linear(xg, w, b)
+    assert out.requires_grad and out.shape == ref.shape
+    cot = torch.randn(3, *ref.shape, generator=g)
+    got = torch.autograd.grad(out, xg, cot, is_grads_batched=True)[0]
+    torch.testing.assert_close(got, cot @ w, atol=1e-5, rtol=1e-5)
+
+
+def test_patchify_matmul_equals_conv():
+    from xclip.models.relevance import _is_patchify, _patchify_forward
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, bias=True)
+    x = torch.randn(2, 3, 18, 22, generator=g)  # not a multiple of the patch: the remainder is dropped, as by conv
+    assert _is_patchify(conv)
+    torch.testing.assert_close(_patchify_forward(conv, x), conv(x), atol=1e-5, rtol=1e-5)
+    assert not _is_patchify(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2))
+    assert not _is_patchify(torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, padding=1))
+
+
+@pytest.mark.parametrize("tower", ["text", "visual"])
+def test_fused_skip_block_equals_stock_block(tiny, tower):
+    """The blocks below the start layer run fused attention (SDPA) and the engine linears: = the stock block."""
+    from xclip.models.relevance import _block_tail, _engine_attention
+
+    model = tiny.model
+    blk = (model.transformer if tower == "text" else model.visual.transformer).resblocks[0]
+    x = torch.randn(2, 7, blk.attn.embed_dim, generator=torch.Generator().manual_seed(1))
+    masks = [None]
+    if tower == "text":
+        masks += [model.attn_mask[:7, :7], torch.ones(7, 7, dtype=torch.bool).triu(1)]  # additive and boolean
+    with torch.no_grad():
+        for mask in masks:
+            # a boolean mask means "True = may not attend" (nn.MultiheadAttention); the stock block would cast it
+            # to 0/1 floats, so its reference is the equivalent additive mask
+            additive = mask if mask is None or mask.dtype != torch.bool \
+                else torch.zeros(mask.shape).masked_fill(mask, float("-inf"))
+            ref = blk(x, attn_mask=additive)
+            got = _block_tail(blk, x, _engine_attention(blk, None, blk.ln_1(x), mask, True))
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            keep: list = []
+            got = _block_tail(blk, x, _engine_attention(blk, keep, blk.ln_1(x), mask, False))
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            assert len(keep) == 1 and keep[0].shape == (2, blk.attn.num_heads, 7, 7)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_first_order_gelu_equals_stock_activation(quick):
+    from open_clip.transformer import QuickGELU
+
+    from xclip.models.relevance import _activation
+
+    act = QuickGELU() if quick else torch.nn.GELU()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = _activation(act, x, first_order=True)
+    assert y.grad_fn is not None and "FirstOrderGelu" in type(y.grad_fn).__name__
+    ref = act(x)
+    torch.testing.assert_close(y, ref)
+    cot = torch.randn(3, 4, 6, dtype=torch.float64)
+    got = torch.autograd.grad(y, x, cot, is_grads_batched=True, retain_graph=True)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(ref, x, cot, is_grads_batched=True)[0])
+    with pytest.raises(RuntimeError):  # first order only: a double backward is refused, not silently wrong
+        g = torch.autograd.grad(y.sum(), x, create_graph=True)[0]
+        torch.autograd.grad(g.sum(), x)
+    assert "FirstOrderGelu" not in type(_activation(act, x, first_order=False).grad_fn).__name__
