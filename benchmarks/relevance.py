@@ -3,6 +3,7 @@
     python benchmarks/relevance.py                      # full: B=1xC=1, B=8xC=100, B=1xC=1000 at 1 and 2 threads
     python benchmarks/relevance.py --quick              # smoke: C reduced (B=1xC=1, B=2xC=8, B=1xC=16)
     python benchmarks/relevance.py --threads 1 --repeats 3 --anchor_pairs 4
+    python benchmarks/relevance.py --threads 1 --repeats 5 --workloads 1x1:notebook 8x10:all   # chosen workloads
 
 Anchor (implemented here after reading T's ``CLIP_explainability.ipynb`` ``interpret``; nothing pasted): one call
 per (image, text) pair, both towers run on the full 77-token text inside every call, the attention probabilities of
@@ -32,6 +33,18 @@ import time
 FULL = [(1, 1, "notebook"), (1, 1, "ntlb"), (8, 100, "ntlb"), (8, 100, "all"), (1, 1000, "ntlb")]
 QUICK = [(1, 1, "notebook"), (1, 1, "ntlb"), (2, 8, "ntlb"), (2, 8, "all"), (1, 16, "ntlb")]
 STARTS = {"notebook": (-1, -1), "ntlb": (0, -1), "all": (0, 0)}
+
+
+def parse_workload(text: str) -> tuple[int, int, str]:
+    """'8x100:all' -> (8, 100, 'all')."""
+    try:
+        size, kind = text.split(":")
+        B, C = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"workload {text!r} is not BxC:kind (e.g. 8x100:all)") from None
+    if kind not in STARTS or B < 1 or C < 1:
+        raise argparse.ArgumentTypeError(f"workload {text!r}: kind must be one of {sorted(STARTS)}, B and C >= 1")
+    return B, C, kind
 
 
 # ------------------------------------------------------------------------------------------------ FLOP model
@@ -136,7 +149,7 @@ def worker(args) -> None:
     model, dims = bb.model, _dims(bb)
     peak = _peak_gflops(args.repeats)
     rows = []
-    for B, C, kind in (QUICK if args.quick else FULL):
+    for B, C, kind in args.workloads or (QUICK if args.quick else FULL):
         st, si = STARTS[kind]
         g = torch.Generator().manual_seed(B * 1000 + C)
         images = torch.randn(B, 3, bb.image_size, bb.image_size, generator=g)
@@ -181,6 +194,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timings are the minimum over this many runs")
     ap.add_argument("--anchor_pairs", type=int, default=3, help="pairs the anchor is timed on (extrapolated per pair)")
     ap.add_argument("--quick", action="store_true", help="smoke run with reduced C")
+    ap.add_argument("--workloads", type=parse_workload, nargs="+", default=None,
+                    help="run only these workloads, each BxC:kind with kind notebook | ntlb | all (e.g. 1x1:notebook)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -189,7 +204,8 @@ def main() -> None:
     for n in args.threads:
         env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(n), "--model", args.model,
-               "--repeats", str(args.repeats), "--anchor_pairs", str(args.anchor_pairs)] + (["--quick"] if args.quick else [])
+               "--repeats", str(args.repeats), "--anchor_pairs", str(args.anchor_pairs)] + (["--quick"] if args.quick else []) \
+            + (["--workloads", *(f"{B}x{C}:{k}" for B, C, k in args.workloads)] if args.workloads else [])
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"worker ({n} threads) failed:\n{res.stderr[-3000:]}")
