@@ -321,13 +321,11 @@ def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
 #   pooled   the last block when only the pooled row (CLS / EOT) is read: K and V for every token, Q, the attention
 #            row, out-projection and MLP for the pooled token only; every output row holds the pooled row's value
 #            (downstream only the pooled row is read), and the kept probabilities are that row: [n, H, 1, N].
-# All modes compute the same function as the stock block (to float rounding).  GEMM choices, measured at 1 thread
+# All modes compute the same function as the stock block (to float rounding).  Kernel choices, measured at 1 thread
 # on ViT-B/32 shapes (docs/relevance.md): where no autograd graph is recorded (the blocks below the start layer,
-# the patch embedding) a linear layer runs on oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``), which
-# does not repack the weight on every call as MKL's sgemm does (1.6x faster at 8 rows, ~1.1x at 50-400); with a
-# graph, a linear layer over few rows (a single text's ~8 tokens, the pooled rows) runs as (W @ x^T)^T, ~1.3x
-# faster than x @ W^T; the non-overlapping patch convolution runs as one matmul over the unfolded patches (~2x).
-_FEW_ROWS = 16
+# the patch embedding) a linear layer runs on oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``), which does
+# not repack the weight on every call as MKL's sgemm does (1.6x faster at 8 rows, ~1.1-1.2x at 50-400); the
+# non-overlapping patch convolution runs as one matmul over the unfolded patches (~2x).
 _ONEDNN: list = []  # [op] once probed and working, [None] when unavailable
 
 
@@ -348,9 +346,8 @@ def _onednn_linear():
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) (same values to float rounding) on the fastest kernel for the case (see above)."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows == 0:
+    """F.linear(x, weight, bias) (same values to float rounding); on oneDNN when no graph is recorded (see above)."""
+    if x.numel() == 0:
         return F.linear(x, weight, bias)
     graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))
@@ -359,11 +356,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         op = _onednn_linear()
         if op is not None:
             return op(x.contiguous(), weight, bias, "none", [], "")
-    if rows > _FEW_ROWS:
-        return F.linear(x, weight, bias)
-    xt = x.reshape(rows, x.shape[-1]).T  # [I, rows]
-    y = weight @ xt if bias is None else torch.addmm(bias.unsqueeze(-1), weight, xt)  # [O, rows]
-    return y.T.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class _FirstOrderGelu(torch.autograd.Function):
@@ -666,13 +659,16 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
     if want_v:
         _check_visual_pool(model)
 
+    # the first-order activation backward pays off when a tower's graph is differentiated in several passes
+    # (C passes over the image tower, B over the text tower); one pass would only pay for the saved derivative
+    n_texts = next(t for t in (tokens, embeds, text_features) if t is not None).shape[0]
     with torch.enable_grad():
         # ---------------------------------------------------------------- image side
         probs_v: list[torch.Tensor] = []
         if want_v:
             src_v = images.requires_grad or _requires_grad(model.visual)
             with _relevance_tower(model, "visual", start_layer_image, depth_limit=not src_v, pooled_rows=0,
-                                  first_order=not create_graph) as sv:
+                                  first_order=not create_graph and n_texts > 1) as sv:
                 img = F.normalize(model.encode_image(images), dim=-1)  # [B, D]
             probs_v = sv["visual"]
         elif image_features is not None:
@@ -732,7 +728,7 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                 L_used = int(e_eot.max()) + 1 if parts.attn_mask is not None else L  # causal: later tokens unused
                 if want_t:
                     with _relevance_tower(model, "text", start_layer_text, depth_limit=not src_t,
-                                          pooled_rows=e_eot, first_order=not create_graph) as st:
+                                          pooled_rows=e_eot, first_order=not create_graph and B > 1) as st:
                         t = encode_text_from_embeddings(model, e[:, :L_used], e_eot)  # [c, D]
                     probs_t = st["text"]
                 else:
