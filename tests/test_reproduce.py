@@ -85,7 +85,13 @@ def test_textspan_part(tmp_path, one_thread):
         _ms(point)
     _ms(saved["baseline"])
     assert saved["accumulated_layers"][0]["mean"] == saved["baseline"]["mean"]
-    assert "mean-ablation" in md and "75.25" in md and "spurious-correlation world" in md
+    sp = saved["spurious"]
+    assert len(sp["per_seed"]) == 2 and sp["heads_total"] == 8
+    for key in ("base", "heads_ablated", "random_heads_best"):
+        _ms(sp[key]["worst_group"])
+        assert set(sp[key]["groups"]) == {"star/green", "star/purple", "flower/green", "flower/purple"}
+    assert all(len(r["colour_heads"]) == 2 for r in sp["per_seed"])
+    assert "mean-ablation" in md and "75.25" in md and "Spurious-correlation world" in md and "45.6" in md
 
 
 @needs_clip
