@@ -243,6 +243,25 @@ def build_backbone(args):
     return build_clip(args.backbone, pretrained_arg(args)).freeze()
 
 
+def weights_fingerprint(args) -> str | None:
+    """sha256 (first 12 hex digits) of the CLIP weights file used, so a report names the exact weights."""
+    import hashlib
+
+    from xclip.models.clip_backbone import SHIPPED_WEIGHTS
+
+    pre = pretrained_arg(args)
+    if pre is None:
+        return None
+    path = SHIPPED_WEIGHTS.get((args.backbone, pre), Path(pre))
+    if not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def write_part(out: Path, name: str, result: dict) -> Path:
     from xclip.generation._cli import write_json
 
@@ -664,9 +683,10 @@ def _ms(d: dict | None, digits: int = 1) -> str:
 
 def _header(name: str, res: dict) -> list[str]:
     size = "quick (test) sizes, not the full protocol" if res["meta"]["quick"] else "full size"
+    sha = res["meta"].get("weights_sha256")
     return [f"## {name}", "", f"`{res['meta']['command']}`: {size}; CLIP `{res['meta']['backbone']}` / "
-            f"`{res['meta']['pretrained']}`; {res['meta']['seconds']:.0f} s with {res['meta']['threads']} torch "
-            f"thread(s) on a shared machine.", ""]
+            f"`{res['meta']['pretrained']}`" + (f" (weights sha256 {sha}...)" if sha else "") +
+            f"; {res['meta']['seconds']:.0f} s with {res['meta']['threads']} torch thread(s) on a shared machine.", ""]
 
 
 def report_spelling(res: dict) -> list[str]:
@@ -894,6 +914,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = RUNNERS[name](args, s, out)
         res["meta"] = {"part": name, "seconds": round(time.time() - t0, 1), "quick": bool(args.quick),
                        "backbone": args.backbone, "pretrained": args.pretrained, "threads": args.threads,
+                       "weights_sha256": weights_fingerprint(args),
                        "command": f"xclip reproduce --parts {name}" + (" --quick true" if args.quick else "")}
         write_part(out, name, res)
         write_report(out)

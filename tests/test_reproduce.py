@@ -116,6 +116,27 @@ def test_report_collects_parts_run_separately(tmp_path, one_thread):
     assert "## TextSpan" in md and "## ZeroCap" in md and "spelling, coop, spatial." in md
 
 
+@needs_clip
+def test_clip_weights_are_a_parameter(tmp_path, one_thread):
+    """--pretrained FILE (e.g. a retrained world CLIP) is what every part uses; the report names its sha256."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "retrained" / "tiny_clip_world.pt"
+    copy.parent.mkdir()
+    shutil.copy(SHIPPED, copy)
+    shipped, _ = _run(tmp_path / "a", "textspan")
+    other, md = _run(tmp_path / "b", "textspan", "--pretrained", str(copy))
+    sha = hashlib.sha256(SHIPPED.read_bytes()).hexdigest()[:12]
+    assert shipped["meta"]["weights_sha256"] == other["meta"]["weights_sha256"] == sha
+    assert other["meta"]["pretrained"] == str(copy) and f"sha256 {sha}" in md
+    assert other["accumulated_layers"] == shipped["accumulated_layers"]
+    args = reproduce.parse_args(["--pretrained", str(copy)])
+    cfg_argv = reproduce.parse_args(["--config", str(ROOT / "configs" / "reproduce" / "world.yaml"),
+                                     "--pretrained", str(copy)])
+    assert reproduce.pretrained_arg(args) == reproduce.pretrained_arg(cfg_argv) == str(copy)
+
+
 def test_quick_sizes_yield_to_explicit_values():
     args = reproduce.parse_args(["--quick", "true", "--textspan.n", "77"])
     s = reproduce.part_settings(args, "textspan")
