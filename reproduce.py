@@ -211,8 +211,16 @@ def check_inputs(args) -> None:
                 raise SystemExit(f"--{name}.{f.name} must be >= 1, got {v}")
             if isinstance(v, list) and not v:
                 raise SystemExit(f"--{name}.{f.name} must not be empty")
-    if "textspan" in args.parts and not 0.5 <= part_settings(args, "textspan").spurious_aligned <= 1:
-        raise SystemExit("--textspan.spurious_aligned must be in [0.5, 1]")
+    if "textspan" in args.parts:
+        from xclip.datamodules.synthetic_world import COLOURS, SHAPES
+
+        ts = part_settings(args, "textspan")
+        if not 0.5 <= ts.spurious_aligned <= 1:
+            raise SystemExit("--textspan.spurious_aligned must be in [0.5, 1]")
+        for flag, given, known in (("spurious_classes", ts.spurious_classes, SHAPES),
+                                   ("spurious_colours", ts.spurious_colours, list(COLOURS))):
+            if len(given) != 2 or len(set(given)) != 2 or any(g not in known for g in given):
+                raise SystemExit(f"--textspan.{flag} must be 2 different world names of {list(known)}, got {given}")
     if "spelling" in args.parts:
         s = part_settings(args, "spelling")
         check_file(s.train_config or package_configs() / SPELLING_CONFIG, "--spelling.train_config",
@@ -390,7 +398,8 @@ def run_coop(args, s: CoopSettings, out: Path) -> dict:
     backbone = build_backbone(args)
     size = backbone.image_size
     n_train = max(s.shots) + 4
-    root = make_world_folder(out / "data" / f"coop_world_{size}px_{n_train}train_{s.n_test}test", n_train, s.n_test, size)
+    root = make_world_folder(out / "data" / f"coop_world_{size}px_{n_train}train_{s.n_test}test", n_train,
+                             s.n_test, size)
     res: dict[str, Any] = {"train_config": str(cfg), "settings": asdict(s), "data": str(root), "runs": [],
                            "table": {}}
 
@@ -525,13 +534,7 @@ def run_spurious_world(backbone, s: TextspanSettings) -> dict:
     from xclip.analysis.textspan import encode_text_pool, run_textspan_heads
     from xclip.datamodules.synthetic_world import COLOURS, SHAPES, render_object, to_tensor
 
-    classes, colours = list(s.spurious_classes), list(s.spurious_colours)
-    for c in colours:
-        if c not in COLOURS:
-            raise ValueError(f"--textspan.spurious_colours: unknown colour {c!r} (world colours: {list(COLOURS)})")
-    for c in classes:
-        if c not in SHAPES:
-            raise ValueError(f"--textspan.spurious_classes: unknown shape {c!r}")
+    classes, colours = list(s.spurious_classes), list(s.spurious_colours)   # checked by check_inputs
     visual = backbone.model.visual
 
     def split(n: int, aligned: float, seed: int):
@@ -646,7 +649,8 @@ def run_zerocap(args, s: ZerocapSettings, out: Path) -> dict:
         for _ in range(s.n_triples):
             s1, s2 = rng.sample(SHAPES, 2)
             c1, c2 = rng.sample(colours, 2)
-            trip = torch.stack([obj(s1, c1, rng), obj(s2, c1, rng), obj(s2, c2, rng)])   # red star, red circle, blue circle
+            # e.g. red star, red circle, blue circle -> a blue star
+            trip = torch.stack([obj(s1, c1, rng), obj(s2, c1, rng), obj(s2, c2, rng)])
             target = arith.arithmetic_target(trip, [1, -1, 1])                        # -> a blue star
             torch.manual_seed(seed)
             text = arith.cfg.cond_text + arith.caption(target)[0].text
@@ -767,9 +771,10 @@ def report_coop(res: dict) -> list[str]:
               "(what the loss raises; <= 100 test images)."]
     gains = [row["gain"]["mean"] for row in res["table"].values()]
     if len(gains) > 1:
+        fewest = ("largest with the fewest shots, as the paper says" if gains[0] == max(gains)
+                  else "not largest with the fewest shots")
         lines += ["", f"What the world shows: gain at {list(res['table'])[0]} shot(s) {gains[0]:+.1f} vs "
-                  f"{gains[-1]:+.1f} at {list(res['table'])[-1]} shots "
-                  f"({'largest with the fewest shots, as the paper says' if gains[0] == max(gains) else 'not largest with the fewest shots'})."]
+                  f"{gains[-1]:+.1f} at {list(res['table'])[-1]} shots ({fewest})."]
     return lines
 
 
@@ -903,7 +908,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_inputs(args)
     import torch
 
+    from xclip.models.clip_backbone import BackboneError
+
     torch.set_num_threads(max(1, args.threads))
+    try:
+        build_backbone(args)                  # the CLIP loads (name, weights) before any part starts
+    except BackboneError as e:
+        raise SystemExit(f"error: --backbone {args.backbone} --pretrained {args.pretrained}: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}

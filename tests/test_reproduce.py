@@ -182,6 +182,9 @@ def test_subcommand_help(capsys):
     (["--textspan.n", "0"], "--textspan.n must be >= 1"),
     (["--coop.shots", "[]", "--parts", "coop"], "--coop.shots must not be empty"),
     (["--coop.train_config", "/nonexistent.yaml", "--parts", "coop"], "--coop.train_config"),
+    (["--textspan.spurious_colours", "[red, mauve]"], "--textspan.spurious_colours must be 2 different"),
+    (["--textspan.spurious_aligned", "0.2"], "--textspan.spurious_aligned must be in [0.5, 1]"),
+    (["--backbone", "no-such-model"], "--backbone no-such-model"),
 ])
 def test_bad_inputs_refused_before_any_work(tmp_path, argv, message, capsys):
     out = tmp_path / "o"
