@@ -34,13 +34,14 @@ demo: venv
 	$(PY) demo.py --out outputs/demo
 
 # Each paper's headline effect on the world (<= 60 min on 2 cores): results/reproduce/<part>.json + reproduction.md,
-# then the report is copied to docs/reproduction.md (the one deliberate write into the tree). REPRODUCE_ARGS e.g.
+# then the report and its figure are copied to docs/reproduction.{md,png} (the one deliberate write into the tree). REPRODUCE_ARGS e.g.
 # "--parts textspan spatial" or "--pretrained path/to/tiny_clip_world.pt".
 REPRODUCE_OUT ?= results/reproduce
 REPRODUCE_ARGS ?=
 reproduce: venv
 	$(PY) -m xclip.reproduce --config configs/reproduce/world.yaml --out $(REPRODUCE_OUT) $(REPRODUCE_ARGS)
 	cp $(REPRODUCE_OUT)/reproduction.md docs/reproduction.md
+	cp $(REPRODUCE_OUT)/reproduction.png docs/reproduction.png
 
 lint: venv
 	$(PY) -m ruff check .

@@ -877,6 +877,113 @@ REPORTS: dict[str, Callable[[dict], list[str]]] = {
     "zerocap": report_zerocap}
 
 
+def _fig_spelling(ax, res: dict) -> None:
+    keys = [("clean_acc", "clean"), ("attacked_acc", "attacked"), ("attack_success_rate", "attack\nsuccess"),
+            ("word_top1_real", "reads\nreal words")]
+    rows = [("CLIP", {k: {"mean": res["clip"][k], "std": 0.0} for k, _ in keys}, "#999999")]
+    for name, label, colour in (("learn_to_spell", "learn", "#1f77b4"), ("forget_to_spell", "forget", "#d62728"),
+                                ("forget_to_spell_no_reg", "forget w/o R(W)", "#ff9896")):
+        if name in res["variants"]:
+            rows.append((label, res["variants"][name], colour))
+    width = 0.8 / len(rows)
+    for j, (label, v, colour) in enumerate(rows):
+        xs = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(keys))]
+        ax.bar(xs, [v[k]["mean"] for k, _ in keys], width, yerr=[v[k]["std"] for k, _ in keys], label=label,
+               color=colour, capsize=2)
+    ax.set_xticks(range(len(keys)), [lab for _, lab in keys], fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%", fontsize=8)
+    ax.set_title("Disentangling (world suite)", fontsize=9)
+    ax.legend(fontsize=6)
+
+
+def _fig_coop(ax, res: dict) -> None:
+    shots = [int(k) for k in res["table"]]
+    for method, label, colour in (("coop", "CoOp", "#999999"), ("coop_expl", "CoOp + expl. loss", "#d62728")):
+        ax.errorbar(shots, [res["table"][str(k)][method]["mean"] for k in shots],
+                    yerr=[res["table"][str(k)][method]["std"] for k in shots], label=label, color=colour, capsize=2,
+                    marker="o")
+    ax.axhline(res["zero_shot_single_template"], color="#7f7f7f", ls=":", label="zero-shot, 1 template")
+    ax.axhline(res["zero_shot_world_ensemble"], color="#2ca02c", ls="--", label="zero-shot, world ensemble")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_xlabel("shots per class", fontsize=8)
+    ax.set_ylabel("test accuracy (%)", fontsize=8)
+    ax.set_title("NTLB CoOp on the world", fontsize=9)
+    ax.legend(fontsize=6)
+
+
+def _fig_spatial(ax, res: dict) -> None:
+    methods = list(res["methods"])
+    keys = [("mass_in_box", "mass in box"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1")]
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(keys))]
+        ax.bar(xs, [res["methods"][m][k]["mean"] for k, _ in keys], width,
+               yerr=[res["methods"][m][k]["std"] for k, _ in keys], label=m, capsize=2)
+    ax.set_xticks(range(len(keys)), [lab for _, lab in keys], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_title("NTLB spatial VQGAN-CLIP", fontsize=9)
+    ax.legend(fontsize=6)
+
+
+def _fig_textspan(ax, res: dict) -> None:
+    curve = res["accumulated_layers"]
+    ax.errorbar(range(len(curve)), [c["mean"] for c in curve], yerr=[c["std"] for c in curve], marker="o",
+                capsize=2, color="#1f77b4")
+    ax.set_xticks(range(len(curve)))
+    ax.set_xlabel("attention layers mean-ablated (from the first)", fontsize=8)
+    ax.set_ylabel("zero-shot accuracy (%)", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_title("TextSpan mean-ablation", fontsize=9)
+
+
+def _fig_zerocap(ax, res: dict) -> None:
+    bars = [("clip_s_unguided", "CLIP-S\nunguided", 1.0), ("clip_s_guided", "CLIP-S\nguided", 1.0),
+            ("arith_both", "arithmetic:\nnames c2 s1", 0.01), ("arith_retrieval", "arithmetic:\nnearest prompt", 0.01)]
+    present = [(k, lab, f) for k, lab, f in bars if k in res]
+    ax.bar(range(len(present)), [res[k]["mean"] * f for k, _, f in present],
+           yerr=[res[k]["std"] * f for k, _, f in present], capsize=2,
+           color=["#999999", "#d62728", "#9467bd", "#8c564b"][:len(present)])
+    ax.set_xticks(range(len(present)), [lab for _, lab, _ in present], fontsize=7)
+    ax.set_ylabel("CLIP-S / fraction of triples", fontsize=8)
+    ax.set_title("ZeroCap (world LM)", fontsize=9)
+
+
+FIGURES: dict[str, Callable] = {"spelling": _fig_spelling, "coop": _fig_coop, "spatial": _fig_spatial,
+                                "textspan": _fig_textspan, "zerocap": _fig_zerocap}
+
+
+def write_figure(out: Path, results: dict[str, dict]) -> Path | None:
+    """reproduction.png: one panel per part present (mean +- std error bars)."""
+    if not results:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xclip.utils.io import atomic_write_bytes
+
+    ncols = min(3, len(results))
+    nrows = math.ceil(len(results) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (name, res) in zip(flat, results.items()):
+        FIGURES[name](ax, res)
+    for ax in flat[len(results):]:
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    path = out / "reproduction.png"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def write_report(out: Path) -> Path:
     """reproduction.md from every <part>.json in ``out`` (parts not run are listed as such)."""
     from xclip.utils.io import atomic_write_bytes
@@ -885,13 +992,16 @@ def write_report(out: Path) -> Path:
              "Generated by `make reproduce` (= `xclip reproduce`), issue 18 §2. Every number of the world is next "
              "to the paper's corresponding number, cited to `shared/reference/*.md` (UNVERIFIED there = the paper "
              "text was not available). Metrics in %, mean ± std over the seeds given in each section.", ""]
-    missing = []
+    missing, results = [], {}
     for name in PARTS:
         path = out / f"{name}.json"
         if not path.is_file():
             missing.append(name)
             continue
-        res = json.loads(path.read_text())
+        results[name] = json.loads(path.read_text())
+    if write_figure(out, results):
+        lines += ["![one panel per part: mean ± std over seeds](reproduction.png)", ""]
+    for name, res in results.items():
         lines += REPORTS[name](res) + [""]
     if missing:
         lines += ["## Not run", "", f"Parts without results in this folder: {', '.join(missing)}.", ""]

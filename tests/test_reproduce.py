@@ -24,7 +24,10 @@ def _run(tmp_path: Path, part: str, *extra: str) -> tuple[dict, str]:
     assert saved["meta"]["part"] == part and saved["meta"]["quick"] is True and saved["meta"]["seconds"] >= 0
     assert set(res) == {part}
     md = (out / "reproduction.md").read_text()
-    assert "quick (test) sizes, not the full protocol" in md
+    assert "quick (test) sizes, not the full protocol" in md and "](reproduction.png)" in md
+    from PIL import Image
+
+    assert Image.open(out / "reproduction.png").size[0] > 300
     assert not list(out.glob("*.tmp*")), "a temporary file was left behind"
     return saved, md
 
@@ -200,3 +203,4 @@ def test_makefile_target_copies_the_report():
     mk = (ROOT / "Makefile").read_text()
     assert "reproduce: venv" in mk and "configs/reproduce/world.yaml" in mk
     assert "cp $(REPRODUCE_OUT)/reproduction.md docs/reproduction.md" in mk
+    assert "cp $(REPRODUCE_OUT)/reproduction.png docs/reproduction.png" in mk
