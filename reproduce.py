@@ -693,6 +693,14 @@ def _header(name: str, res: dict) -> list[str]:
             f"; {res['meta']['seconds']:.0f} s with {res['meta']['threads']} torch thread(s) on a shared machine.", ""]
 
 
+def _verdict(better: float, spread: float) -> str:
+    """'yes' / 'no' for an effect of size ``better`` (> 0 = in the claimed direction), 'within the spread' when
+    its size is below ``spread`` (the larger std of the two rows compared)."""
+    if abs(better) <= spread:
+        return "within the spread (no)" if better <= 0 else "within the spread"
+    return "yes" if better > 0 else "no"
+
+
 def report_spelling(res: dict) -> list[str]:
     seeds = res["settings"]["seeds"]
     lines = _header("Disentangling: learn-to-spell / forget-to-spell", res)
@@ -740,7 +748,7 @@ def report_spelling(res: dict) -> list[str]:
                 key = "attacked_acc" if base.startswith("forget") else "word_top1_real"
                 lines.append(f"| without R(W) {base.split('_')[0]} gets worse ({key}) | loss-ablation table NOT "
                              f"RECOVERED (§5.3) | {_ms(a[key])} with, {_ms(b[key])} without | "
-                             f"{'yes' if b[key]['mean'] < a[key]['mean'] else 'no'} |")
+                             f"{_verdict(a[key]['mean'] - b[key]['mean'], max(a[key]['std'], b[key]['std']))} |")
         lines.append("| text in VQGAN-CLIP images: learn > CLIP > forget | 53.4 / 33.1 / 3.4 % (VERIFIED chart, "
                      "§5.6) | not run: the world's tiny VQGAN is random (no readable text) | - |")
     if res["k_sweep"]:
@@ -769,10 +777,17 @@ def report_coop(res: dict) -> list[str]:
                      "loss helps most with few shots; table cells UNVERIFIED (ntlb_coop.md §3.6) |")
     lines += ["", "Test accuracy in %; the score is the share of the EOT text relevance on the true class name "
               "(what the loss raises; <= 100 test images)."]
+    raised = [k for k, row in res["table"].items() if "coop_score" in row and
+              row["coop_expl_score"]["mean"] > row["coop_score"]["mean"]]
+    if raised:
+        lines += ["", f"The loss raises the class-name relevance score at {len(raised)} of {len(res['table'])} shot "
+                  f"counts ({', '.join(raised)})."]
     gains = [row["gain"]["mean"] for row in res["table"].values()]
     if len(gains) > 1:
+        first = list(res["table"].values())[0]["gain"]
         fewest = ("largest with the fewest shots, as the paper says" if gains[0] == max(gains)
-                  else "not largest with the fewest shots")
+                  else "not largest with the fewest shots") + \
+            f"; the {list(res['table'])[0]}-shot gain is positive: {_verdict(first['mean'], first['std'])}"
         lines += ["", f"What the world shows: gain at {list(res['table'])[0]} shot(s) {gains[0]:+.1f} vs "
                   f"{gains[-1]:+.1f} at {list(res['table'])[-1]} shots ({fewest})."]
     return lines
@@ -790,6 +805,11 @@ def report_spatial(res: dict) -> list[str]:
     for m, v in res["methods"].items():
         lines.append(f"| {labels.get(m, m)} | " + " | ".join(_ms(v.get(k), 3) for k in
                                                            ("mass_in_box", "precision", "recall", "f1")) + " |")
+    if "explainability" in res["methods"] and len(res["methods"]) > 1:
+        keys = ("mass_in_box", "precision", "recall", "f1")
+        best = [k for k in keys if all(res["methods"]["explainability"][k]["mean"] >= v[k]["mean"]
+                                       for v in res["methods"].values())]
+        lines += ["", f"The explainability loss is best on {len(best)} of 4 metrics ({', '.join(best) or 'none'})."]
     lines += ["", "Paper (ntlb_coop.md §4.4): the explainability loss beats the baselines on precision / recall / F1 "
               "and AP / AR; all cells UNVERIFIED (no evaluation code in the anchor). AP needs a COCO DETR: not run."]
     return lines
@@ -910,7 +930,7 @@ def _fig_coop(ax, res: dict) -> None:
     ax.set_xlabel("shots per class", fontsize=8)
     ax.set_ylabel("test accuracy (%)", fontsize=8)
     ax.set_title("NTLB CoOp on the world", fontsize=9)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="lower right")
 
 
 def _fig_spatial(ax, res: dict) -> None:
@@ -1003,6 +1023,11 @@ def write_report(out: Path) -> Path:
         lines += ["![one panel per part: mean ± std over seeds](reproduction.png)", ""]
     for name, res in results.items():
         lines += REPORTS[name](res) + [""]
+    if results:
+        lines += ["## Run times", "", "| part | size | seconds | torch threads |", "|---|---|---|---|"]
+        lines += [f"| {n} | {'quick' if r['meta']['quick'] else 'full'} | {r['meta']['seconds']:.0f} | "
+                  f"{r['meta']['threads']} |" for n, r in results.items()]
+        lines += ["", "On the 2-core machine shared with other jobs (absolute times are noisy).", ""]
     if missing:
         lines += ["## Not run", "", f"Parts without results in this folder: {', '.join(missing)}.", ""]
     path = out / "reproduction.md"
