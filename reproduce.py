@@ -706,7 +706,7 @@ def report_spelling(res: dict) -> list[str]:
     lines = _header("Disentangling: learn-to-spell / forget-to-spell", res)
     lines += [f"W trained on {res['settings']['n_train']} cached world quintuples ({res['settings']['epochs']} epochs, "
               f"k = {res['settings']['k']}, config `{Path(res['train_config']).name}`), seeds {seeds} "
-              f"(mean ± std); scored by the `world` suite ({res['settings']['n_attack']} objects, "
+              f"(W's initialisation and batch order; mean ± std); scored by the `world` suite ({res['settings']['n_attack']} objects, "
               f"{res['settings']['words']} words per reading split). 'with R(W)' = gamma {res['settings']['reg']}.", "",
               "| model | clean acc. | attacked acc. | attack success | reads real words | reads nonsense | "
               "val x_i top-1 | ortho. error |", "|---|---|---|---|---|---|---|---|"]
@@ -766,7 +766,8 @@ def report_coop(res: dict) -> list[str]:
     s = res["settings"]
     lines = _header("NTLB: CoOp vs CoOp + explainability loss", res)
     lines += [f"20 world shapes, {s['n_test']} test images per class, `{Path(res['train_config']).name}` "
-              f"({s['epochs']} epochs), lambda = {s['expl_weight']}, seeds {s['seeds']} (mean ± std). Zero-shot on "
+              f"({s['epochs']} epochs), lambda = {s['expl_weight']}, seeds {s['seeds']} (the few-shot picks and the "
+              f"context initialisation; mean ± std). Zero-shot on "
               f"the same test images: 'a photo of a {{}}.' {res['zero_shot_single_template']:.1f} %, the world "
               f"prompt ensemble {res['zero_shot_world_ensemble']:.1f} %.", "",
               "| shots | CoOp | CoOp + expl. loss | gain | class-name relevance score, CoOp / + loss | paper |",
