@@ -39,7 +39,7 @@ demo: venv
 REPRODUCE_OUT ?= results/reproduce
 REPRODUCE_ARGS ?=
 reproduce: venv
-	$(PY) -m xclip.reproduce --config configs/reproduce/world.yaml --out $(REPRODUCE_OUT) $(REPRODUCE_ARGS)
+	$(PY) -m xclip.reproduction --config configs/reproduce/world.yaml --out $(REPRODUCE_OUT) $(REPRODUCE_ARGS)
 	cp $(REPRODUCE_OUT)/reproduction.md docs/reproduction.md
 	cp $(REPRODUCE_OUT)/reproduction.png docs/reproduction.png
 

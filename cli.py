@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {  # subcommand -> (module whose main(
     "analyze": ("xclip.analyze", "TextSpan decomposition, ablation, textspan, segmentation"),
     "explain": ("xclip.explain_cli", "relevance maps for images x texts as a PNG grid (+ HTML)"),
     "demo": ("xclip.demo", "forget-to-spell on the built-in world"),
-    "reproduce": ("xclip.reproduce", "each paper's headline effect on the built-in world (docs/reproduction.md)"),
+    "reproduce": ("xclip.reproduction.cli", "each paper's headline effect on the built-in world (docs/reproduction.md)"),
 }
 USAGE = "usage: xclip {" + ",".join(SUBCOMMANDS) + "} [--help] ..."
 

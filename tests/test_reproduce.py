@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xclip import cli, reproduce
+from xclip import cli
 from xclip.models.clip_backbone import SHIPPED_WEIGHTS
+from xclip.reproduction import cli as reproduce
+from xclip.reproduction.textspan import TextspanSettings
 
 SHIPPED = SHIPPED_WEIGHTS[("tiny-vit-world", "synthetic-world")]
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +147,7 @@ def test_quick_sizes_yield_to_explicit_values():
     s = reproduce.part_settings(args, "textspan")
     assert s.n == 77 and s.seeds == reproduce.QUICK["textspan"]["seeds"]
     full = reproduce.part_settings(reproduce.parse_args([]), "textspan")
-    assert full == reproduce.TextspanSettings()
+    assert full == TextspanSettings()
 
 
 def test_print_config_round_trips_and_packaged_config_is_the_default(tmp_path, capsys):
