@@ -11,9 +11,7 @@ any model is built.
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -42,17 +40,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _check_out_dir(out: Path) -> None:
-    """Create ``out`` and prove it is writable, before any work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"--out {out} is not a writable folder: {e.strerror or e}") from None
-
-
 def image_paths(cfg) -> list[str]:
     """``--image`` paths; a relative one that is not found from the current folder is looked up next to the
     ``--config`` files (so a packaged config's images are found from any folder)."""
@@ -69,13 +56,14 @@ def image_paths(cfg) -> list[str]:
 def run(cfg) -> dict:
     """Checks, then the work. Returns {"png": path, "html": path | None, "wandb": dir | None, "result": ExplainResult}."""
     from xclip.models.explain import load_images
+    from xclip.utils.io import check_writable_dir
 
     images = load_images(image_paths(cfg))  # every image readable, else one error naming all bad paths
     texts = [t for t in cfg.text if t.strip()]
     if len(texts) != len(cfg.text):
         raise ValueError("--text entries must be non-empty.")
     out = Path(cfg.out).expanduser()
-    _check_out_dir(out)
+    check_writable_dir(out, "--out")  # utils/io.py: created, and a file can be made in it, before any work
     if cfg.wandb:
         import importlib.util
 
