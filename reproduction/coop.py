@@ -38,14 +38,15 @@ class CoopSettings:
     """LightningCLI config (default: configs/coop/world.yaml)"""
 
 
+# --quick: test sizes (seconds), for the fields left at their defaults (cli.part_settings)
 QUICK: dict[str, Any] = {"shots": [1, 2], "seeds": [1, 2], "epochs": 2, "n_test": 2}
 
 
 def check(s: CoopSettings) -> None:
+    """The LightningCLI config exists (before any part starts)."""
     from xclip.generation._cli import check_file
 
     check_file(s.train_config or package_configs() / CONFIG, "--coop.train_config", "LightningCLI config")
-
 
 
 def make_world_folder(root: Path, n_train: int, n_test: int, image_size: int, seed: int = 0) -> Path:
@@ -155,6 +156,7 @@ def run(args, s: CoopSettings, out: Path) -> dict:
 
 
 def report(res: dict) -> list[str]:
+    """The section of reproduction.md: test accuracy per shot count, CoOp vs + loss, next to ntlb_coop.md §3.6."""
     s = res["settings"]
     lines = header("NTLB: CoOp vs CoOp + explainability loss", res)
     lines += [f"20 world shapes, {s['n_test']} test images per class, `{Path(res['train_config']).name}` "
@@ -187,6 +189,7 @@ def report(res: dict) -> list[str]:
 
 
 def figure(ax, res: dict) -> None:
+    """Test accuracy against shots (log2), the zero-shot lines for reference."""
     shots = [int(k) for k in res["table"]]
     for method, label, colour in (("coop", "CoOp", "#999999"), ("coop_expl", "CoOp + expl. loss", "#d62728")):
         ax.errorbar(shots, [res["table"][str(k)][method]["mean"] for k in shots],

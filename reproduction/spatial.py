@@ -20,6 +20,7 @@ class SpatialSettings:
     """use only the first N of the suite's built-in layouts (64 px boxes: size must stay 64)"""
 
 
+# --quick: test sizes (seconds), for the fields left at their defaults (cli.part_settings)
 QUICK: dict[str, Any] = {"seeds": [0, 1], "steps": 2, "cutn": 2, "limit": 1}
 
 
@@ -27,8 +28,8 @@ def check(s: SpatialSettings) -> None:
     """Nothing beyond the sizes every part's settings are checked for (reproduction.cli.check_inputs)."""
 
 
-
 def run(args, s: SpatialSettings, out: Path) -> dict:
+    """The spatial_generation suite once per seed (images under <out>/spatial/seed<S>/); per-method mean +- std."""
     from xclip.evaluation import spatial_generation as sg
     from xclip.evaluation.common import EvalModel, RunContext
 
@@ -46,6 +47,7 @@ def run(args, s: SpatialSettings, out: Path) -> dict:
 
 
 def report(res: dict) -> list[str]:
+    """The section of reproduction.md: one row per method, next to ntlb_coop.md §4.4."""
     s = res["settings"]
     lines = header("NTLB: spatial conditioning of VQGAN-CLIP", res)
     lines += [f"`spatial_generation` suite: {res['n_layouts']} built-in world layouts, {s['size']} px, {s['steps']} "
@@ -68,6 +70,7 @@ def report(res: dict) -> list[str]:
 
 
 def figure(ax, res: dict) -> None:
+    """Bars: mass in box / precision / recall / F1 per method, std error bars."""
     methods = list(res["methods"])
     keys = [("mass_in_box", "mass in box"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1")]
     width = 0.8 / len(methods)

@@ -37,15 +37,16 @@ class SpellingSettings:
     """LightningCLI config giving the data and method settings (default: configs/spelling/forget_to_spell_world.yaml)"""
 
 
+# --quick: test sizes (seconds), for the fields left at their defaults (cli.part_settings)
 QUICK: dict[str, Any] = {"seeds": [0, 1], "n_train": 96, "n_val": 48, "epochs": 2, "k_sweep": [16, 64],
                          "n_attack": 20, "words": 10}
 
 
 def check(s: SpellingSettings) -> None:
+    """The LightningCLI config exists (before any part starts)."""
     from xclip.generation._cli import check_file
 
     check_file(s.train_config or package_configs() / CONFIG, "--spelling.train_config", "LightningCLI config")
-
 
 
 def run(args, s: SpellingSettings, out: Path) -> dict:
@@ -119,6 +120,7 @@ def run(args, s: SpellingSettings, out: Path) -> dict:
 
 
 def report(res: dict) -> list[str]:
+    """The section of reproduction.md: CLIP and the four W variants, the claims table, the k sweep."""
     seeds = res["settings"]["seeds"]
     lines = header("Disentangling: learn-to-spell / forget-to-spell", res)
     lines += [f"W trained on {res['settings']['n_train']} cached world quintuples ({res['settings']['epochs']} epochs, "
@@ -180,6 +182,7 @@ def report(res: dict) -> list[str]:
 
 
 def figure(ax, res: dict) -> None:
+    """Bars: clean / attacked accuracy, attack success, reading, per model."""
     keys = [("clean_acc", "clean"), ("attacked_acc", "attacked"), ("attack_success_rate", "attack\nsuccess"),
             ("word_top1_real", "reads\nreal words")]
     rows = [("CLIP", {k: {"mean": res["clip"][k], "std": 0.0} for k, _ in keys}, "#999999")]

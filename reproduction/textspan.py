@@ -29,10 +29,12 @@ class TextspanSettings:
     texts_per_head: int = 5
 
 
+# --quick: test sizes (seconds), for the fields left at their defaults (cli.part_settings)
 QUICK: dict[str, Any] = {"seeds": [0, 1], "n": 40, "spurious_n": 40}
 
 
 def check(s: TextspanSettings) -> None:
+    """The spurious world's settings name 2 different world classes / colours, aligned in [0.5, 1]."""
     from xclip.datamodules.synthetic_world import COLOURS, SHAPES
 
     if not 0.5 <= s.spurious_aligned <= 1:
@@ -43,8 +45,9 @@ def check(s: TextspanSettings) -> None:
             raise SystemExit(f"--textspan.{flag} must be 2 different world names of {list(known)}, got {given}")
 
 
-
 def run(args, s: TextspanSettings, out: Path) -> dict:
+    """The mean_ablation suite per world data seed (accumulated-layer curve, MLP / CLS ablations), then the
+    spurious-correlation world."""
     from xclip.evaluation import mean_ablation
     from xclip.evaluation.common import EvalModel
 
@@ -173,6 +176,7 @@ def run_spurious_world(backbone, s: TextspanSettings) -> dict:
 
 
 def report(res: dict) -> list[str]:
+    """The section of reproduction.md: the curve, the ablations and the spurious world, next to textspan_zerocap.md."""
     s = res["settings"]
     lines = header("TextSpan: mean-ablation of attention layers", res)
     lines += [f"`mean_ablation` suite on {s['n']} world objects per seed, seeds {s['seeds']} (mean ± std, %).", "",
@@ -221,6 +225,7 @@ def report(res: dict) -> list[str]:
 
 
 def figure(ax, res: dict) -> None:
+    """Zero-shot accuracy against the number of attention layers mean-ablated from the first."""
     curve = res["accumulated_layers"]
     ax.errorbar(range(len(curve)), [c["mean"] for c in curve], yerr=[c["std"] for c in curve], marker="o",
                 capsize=2, color="#1f77b4")

@@ -28,6 +28,7 @@ class ZerocapSettings:
     """the world LM needs a larger step than gpt2-medium's 0.3 (docs/zerocap.md)"""
 
 
+# --quick: test sizes (seconds), for the fields left at their defaults (cli.part_settings)
 QUICK: dict[str, Any] = {"seeds": [0, 1], "n_images": 2, "n_triples": 2, "lm_steps": 5, "beam_size": 2,
                          "target_seq_length": 2, "top_size": 8}
 
@@ -37,6 +38,8 @@ def check(s: ZerocapSettings) -> None:
 
 
 def run(args, s: ZerocapSettings, out: Path) -> dict:
+    """Guided and unguided captions of world objects (CLIP-S, does the caption name the shape / colour), then
+    visual arithmetic over colour/shape triples, per seed."""
     import torch
 
     from xclip.datamodules.synthetic_world import COLOURS, SHAPES, render_object, to_tensor
@@ -107,6 +110,7 @@ def run(args, s: ZerocapSettings, out: Path) -> dict:
 
 
 def report(res: dict) -> list[str]:
+    """The section of reproduction.md: CLIP-S and arithmetic counts, next to textspan_zerocap.md B5 / B8."""
     s = res["settings"]
     lines = header("ZeroCap: CLIP-guided captioning and visual arithmetic", res)
     lines += [f"LM: {res['lm']}. CLIP-S = 2.5 max(cos, 0) of the world CLIP; {s['n_images']} objects and "
@@ -136,6 +140,7 @@ def report(res: dict) -> list[str]:
 
 
 def figure(ax, res: dict) -> None:
+    """Bars: CLIP-S unguided / guided and the arithmetic hit rates."""
     bars = [("clip_s_unguided", "CLIP-S\nunguided", 1.0), ("clip_s_guided", "CLIP-S\nguided", 1.0),
             ("arith_both", "arithmetic:\nnames c2 s1", 0.01), ("arith_retrieval", "arithmetic:\nnearest prompt", 0.01)]
     present = [(k, lab, f) for k, lab, f in bars if k in res]
