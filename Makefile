@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := tesseract-ocr tesseract-ocr-eng fonts-liberation wamerican
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps demo lint test test-slow test-gpu bench clean
+.PHONY: venv system-deps demo reproduce lint test test-slow test-gpu bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,6 +32,16 @@ system-deps:
 
 demo: venv
 	$(PY) demo.py --out outputs/demo
+
+# Each paper's headline effect on the world (<= 60 min on 2 cores): results/reproduce/<part>.json + reproduction.md,
+# then the report and its figure are copied to docs/reproduction.{md,png} (the one deliberate write into the tree). REPRODUCE_ARGS e.g.
+# "--parts textspan spatial" or "--pretrained path/to/tiny_clip_world.pt".
+REPRODUCE_OUT ?= results/reproduce
+REPRODUCE_ARGS ?=
+reproduce: venv
+	$(PY) -m xclip.reproduction --config configs/reproduce/world.yaml --out $(REPRODUCE_OUT) $(REPRODUCE_ARGS)
+	cp $(REPRODUCE_OUT)/reproduction.md docs/reproduction.md
+	cp $(REPRODUCE_OUT)/reproduction.png docs/reproduction.png
 
 lint: venv
 	$(PY) -m ruff check .

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"   # the one place: pyproject.toml reads it ([tool.setuptools.dynamic] version)
 
 # public name -> module that defines it (a fixed table written here; never read from input)
 _API: dict[str, str] = {

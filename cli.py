@@ -1,9 +1,10 @@
-"""The `xclip` console script: one command, six subcommands.
+"""The `xclip` console script: one command, seven subcommands.
 
     xclip train fit --config configs/spelling/forget_to_spell_world.yaml
     xclip evaluate --config ... | xclip generate <method> ... | xclip analyze <analysis> ...
     xclip explain --image a.png --text "a red star" --out outputs/explain
     xclip demo --out outputs/demo
+    xclip reproduce --parts spelling coop spatial textspan zerocap --out results/reproduce
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {  # subcommand -> (module whose main(
     "analyze": ("xclip.analyze", "TextSpan decomposition, ablation, textspan, segmentation"),
     "explain": ("xclip.explain_cli", "relevance maps for images x texts as a PNG grid (+ HTML)"),
     "demo": ("xclip.demo", "forget-to-spell on the built-in world"),
+    "reproduce": ("xclip.reproduction.cli", "each paper's headline effect on the built-in world (docs/reproduction.md)"),
 }
 USAGE = "usage: xclip {" + ",".join(SUBCOMMANDS) + "} [--help] ..."
 

@@ -142,41 +142,88 @@ def typographic_eval(backbone, W, n: int, seed: int = 1234) -> dict:
     return {"metrics": out, "split": split, "preds": preds}
 
 
-def make_figure(res: dict, typo: dict, path: Path, n_examples: int = 4) -> None:
+# Bars of the reading panel: (label, metric of evaluate_features) on the validation quintuples.
+READING_BARS: tuple[tuple[str, str], ...] = (
+    ("word image\nreal", "im_t_txt_t/real/img2txt"), ("word image\nnonsense", "im_t_txt_t/fake/img2txt"),
+    ("word on object\nreal", "im_it_txt_t/real/img2txt"), ("word on object\nnonsense", "im_it_txt_t/fake/img2txt"))
+COLOURS = {"clip": "#999999", "projected": "#d62728"}
+
+
+def _bar_pair(ax, labels: list[str], before: list[float], after: list[float], ylabel: str, title: str,
+              after_label: str) -> dict:
+    """Grouped before/after bars with each value written on its bar (so near-zero bars stay readable)."""
+    xs = list(range(len(labels)))
+    bars = {}
+    for off, name, vals, lab in ((-0.2, "clip", before, "CLIP"), (0.2, "projected", after, after_label)):
+        rects = ax.bar([x + off for x in xs], vals, 0.4, label=lab, color=COLOURS[name])
+        ax.bar_label(rects, labels=[f"{v:.1f}" for v in vals], padding=2, fontsize=7)
+        bars[name] = dict(zip(labels, vals))
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    return {"title": title, "bars": bars}
+
+
+def pick_examples(typo: dict, n: int) -> list[int]:
+    """Attacked objects to show: up to half of them ones that W fixes (CLIP wrong, W right), the rest spread over
+    the split."""
+    labels = typo["split"].labels
+    before, after = typo["preds"][("clip", "attacked")], typo["preds"][("projected", "attacked")]
+    fixed = [i for i in range(len(labels)) if after[i] == labels[i] and before[i] != labels[i]][:max(1, n // 2)]
+    rest = [i for i in range(len(labels)) if i not in fixed]
+    step = max(1, len(rest) // max(1, n - len(fixed)))
+    return sorted(fixed + rest[::step][:n - len(fixed)])
+
+
+def make_figure(res: dict, typo: dict, path: Path, n_examples: int = 4, after_label: str = "forget-to-spell") -> dict:
+    """The demo figure: accuracy and attack success before/after W, word reading before/after, labelled examples.
+
+    Returns what was drawn ({"panels": [{"title", "bars": {before/after: {label: value}}}], "examples": [...]})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     m, split, preds = typo["metrics"], typo["split"], typo["preds"]
-    fig = plt.figure(figsize=(12, 6.5))
-    ax = fig.add_axes([0.06, 0.45, 0.42, 0.48])
-    groups = ["clean", "attacked"]
-    xs = range(len(groups))
-    ax.bar([x - 0.2 for x in xs], [m[f"clip/{g}_acc"] for g in groups], 0.4, label="CLIP", color="#999999")
-    ax.bar([x + 0.2 for x in xs], [m[f"projected/{g}_acc"] for g in groups], 0.4, label="forget-to-spell",
-           color="#d62728")
-    ax.set_xticks(list(xs), ["clean objects", "wrong word written on"])
-    ax.set_ylabel("zero-shot shape accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    ax.set_title("Typographic attack on the synthetic world")
-    ax2 = fig.add_axes([0.56, 0.45, 0.4, 0.48])
-    wr = [res["val_clip"].get("im_it_txt_t/real/img2txt", 0), res["val_projected"].get("im_it_txt_t/real/img2txt", 0)]
-    ax2.bar(["CLIP", "forget-to-spell"], wr, color=["#999999", "#d62728"])
-    ax2.set_ylim(0, 100)
-    ax2.set_title("reading the written word (x_it -> y_t top-1 %)")
+    fig = plt.figure(figsize=(13, 7.5))
+    drawn: dict = {"panels": [], "examples": []}
+    ax = fig.add_axes([0.05, 0.50, 0.26, 0.42])
+    drawn["panels"].append(_bar_pair(
+        ax, ["clean objects", "wrong word\nwritten on"], [m["clip/clean_acc"], m["clip/attacked_acc"]],
+        [m["projected/clean_acc"], m["projected/attacked_acc"]], "zero-shot shape accuracy (%)",
+        "Typographic attack: shape accuracy", after_label))
+    ax = fig.add_axes([0.37, 0.50, 0.14, 0.42])
+    drawn["panels"].append(_bar_pair(
+        ax, ["attacked\nobjects"], [m["clip/attack_success"]], [m["projected/attack_success"]],
+        "prediction = the written class (%)", "Attack success", after_label))
+    ax = fig.add_axes([0.57, 0.50, 0.41, 0.42])
+    labels = [lab for lab, _ in READING_BARS]
+    drawn["panels"].append(_bar_pair(
+        ax, labels, [res["val_clip"].get(k, 0.0) for _, k in READING_BARS],
+        [res["val_projected"].get(k, 0.0) for _, k in READING_BARS], "image -> its word string, top-1 (%)",
+        "Reading the written word (validation quintuples)", after_label))
     names = split.classnames
-    for j in range(n_examples):
-        i = j * max(1, len(split.labels) // n_examples)
-        axi = fig.add_axes([0.04 + j * 0.24, 0.02, 0.2, 0.33])
+    for j, i in enumerate(pick_examples(typo, n_examples)):
+        axi = fig.add_axes([0.03 + j * 0.245, 0.03, 0.2, 0.34])
         axi.imshow(split.attacked[i])
-        axi.axis("off")
-        axi.set_title(f"true {names[split.labels[i]]}, text '{split.attack_words[i]}'\n"
-                      f"CLIP: {names[preds[('clip', 'attacked')][i]]} | W: {names[preds[('projected', 'attacked')][i]]}",
-                      fontsize=8)
+        axi.set_xticks([])
+        axi.set_yticks([])
+        true, word = names[split.labels[i]], split.attack_words[i]
+        before, after = names[preds[("clip", "attacked")][i]], names[preds[("projected", "attacked")][i]]
+        axi.set_title(f"true: {true} | written: '{word}'", fontsize=8)
+        for spine in axi.spines.values():
+            spine.set_edgecolor("#2ca02c" if after == true else "#d62728")
+            spine.set_linewidth(2)
+        axi.set_xlabel(f"CLIP: {before} ({'ok' if before == true else 'wrong'})  ->  "
+                       f"W: {after} ({'ok' if after == true else 'wrong'})", fontsize=8)
+        drawn["examples"].append({"index": i, "true": true, "written": word, "before": before, "after": after})
+    fig.suptitle(f"{after_label} on the synthetic world ({res['backbone']['name']}/{res['backbone']['pretrained']})",
+                 fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
 
 
 def print_table(res: dict) -> None:
@@ -192,7 +239,9 @@ def print_table(res: dict) -> None:
     rows = [("clean shape accuracy", m["clip/clean_acc"], m["projected/clean_acc"]),
             ("attacked shape accuracy", m["clip/attacked_acc"], m["projected/attacked_acc"]),
             ("attack success (word wins)", m["clip/attack_success"], m["projected/attack_success"])]
-    for key, label in (("im_it_txt_t/real/img2txt", "word reading x_it->y_t (real)"),
+    for key, label in (("im_t_txt_t/real/img2txt", "word reading x_t->y_t (real)"),
+                       ("im_t_txt_t/fake/img2txt", "word reading x_t->y_t (nonsense)"),
+                       ("im_it_txt_t/real/img2txt", "word reading x_it->y_t (real)"),
                        ("im_it_txt_t/fake/img2txt", "word reading x_it->y_t (nonsense)"),
                        ("acc_im_it_txt_i", "val quintuples: x_it top-1")):
         rows.append((label, res["val_clip"][key], res["val_projected"][key]))
@@ -236,11 +285,12 @@ def main(argv: list[str] | None = None) -> dict:
             "attacked_before": m["clip/attacked_acc"], "attacked_after": m["projected/attacked_acc"],
             "attacked_gain": m["projected/attacked_acc"] - m["clip/attacked_acc"],
             "clean_drop": m["clip/clean_acc"] - m["projected/clean_acc"],
+            "attack_success_before": m["clip/attack_success"], "attack_success_after": m["projected/attack_success"],
             "seconds_train": round(t_train, 1), "seconds_total": round(time.time() - t0, 1)}
         for lg in trainer.loggers:
             lg.log_metrics({f"demo/{k}": v for k, v in res["summary"].items()})
+        res["figure"] = make_figure(res, typo, out / "results.png")
         write_json(res, out / "results.json")
-        make_figure(res, typo, out / "results.png")
         log_images(trainer.loggers, "demo/results", [out / "results.png"], captions=["CLIP vs CLIP + W (demo figure)"])
         print_table(res)
         print(f"wrote {out / 'results.json'}, {out / 'results.png'}, {ckpt} "

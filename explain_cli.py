@@ -8,16 +8,21 @@ Writes OUT/explain.png (rows images, columns texts: image relevance overlay, the
 similarity and softmax-over-texts probability), OUT/explain.html with --html true (the default), and logs both to
 W&B with --wandb true (project --wandb_project; offline unless a W&B key is configured).  Inputs and the output folder are checked before
 any model is built.
+
+Relative image paths: one written in a ``--config`` file is relative to that file's folder (jsonargparse's rule for
+path types), one given on the command line to the current folder; so ``xclip explain --config <packaged config>``
+runs from any folder.  ``--print_config`` writes the paths as they were written: re-use a printed config from the
+original config's folder, or write absolute paths.
 """
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse.typing import Path_fr
 
 DEFAULT_BACKBONE = "tiny-vit-world"
 DEFAULT_PRETRAINED = "synthetic-world"
@@ -26,7 +31,10 @@ DEFAULT_PRETRAINED = "synthetic-world"
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="xclip explain", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable); flags override it")
-    p.add_argument("--image", type=str, nargs="+", required=True, help="image file(s)")
+    # Path_fr: an existing file, relative to its config file's folder when written in one; anything else stays a
+    # string, reported with every other unreadable image by models.explain.load_images (one error, all bad paths)
+    p.add_argument("--image", type=Union[Path_fr, str], nargs="+", required=True,
+                   help="image file(s); relative to the config file's folder when given in a --config")
     p.add_argument("--text", type=str, nargs="+", required=True, help="text(s) to explain each image against")
     p.add_argument("--out", type=str, required=True, help="output folder (created)")
     p.add_argument("--backbone", type=str, default=DEFAULT_BACKBONE, help="open_clip model name")
@@ -42,40 +50,22 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _check_out_dir(out: Path) -> None:
-    """Create ``out`` and prove it is writable, before any work."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"--out {out} is not a writable folder: {e.strerror or e}") from None
-
-
 def image_paths(cfg) -> list[str]:
-    """``--image`` paths; a relative one that is not found from the current folder is looked up next to the
-    ``--config`` files (so a packaged config's images are found from any folder)."""
-    config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
-    out = []
-    for p in cfg.image:
-        q = Path(p).expanduser()
-        if not q.is_absolute() and not q.exists():
-            q = next((d / q for d in reversed(config_dirs) if (d / q).exists()), q)
-        out.append(str(q))
-    return out
+    """``--image`` as absolute paths where found at parse time (module doc), else as given (``~`` expanded)."""
+    return [os.fspath(p) if isinstance(p, Path_fr) else str(Path(p).expanduser()) for p in cfg.image]
 
 
 def run(cfg) -> dict:
     """Checks, then the work. Returns {"png": path, "html": path | None, "wandb": dir | None, "result": ExplainResult}."""
     from xclip.models.explain import load_images
+    from xclip.utils.io import check_writable_dir
 
     images = load_images(image_paths(cfg))  # every image readable, else one error naming all bad paths
     texts = [t for t in cfg.text if t.strip()]
     if len(texts) != len(cfg.text):
         raise ValueError("--text entries must be non-empty.")
     out = Path(cfg.out).expanduser()
-    _check_out_dir(out)
+    check_writable_dir(out, "--out")  # utils/io.py: created, and a file can be made in it, before any work
     if cfg.wandb:
         import importlib.util
 
@@ -86,7 +76,7 @@ def run(cfg) -> dict:
     from xclip.models.explain import explain, log_wandb, write_grid_png, write_html
 
     backbone = build_clip(cfg.backbone, cfg.pretrained, device=cfg.device).freeze()
-    labels = [Path(p).name for p in cfg.image]
+    labels = [Path(p).name for p in image_paths(cfg)]
     result = explain(backbone, images, texts, start_layer_text=cfg.start_layer_text,
                      start_layer_image=cfg.start_layer_image, labels=labels)
     png = write_grid_png(result, out / "explain.png")

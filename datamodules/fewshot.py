@@ -15,9 +15,16 @@ Protocol (spec §2.3):
   or ``dassl``: exactly CoOp's picks for the same seed, i.e. Dassl's ``generate_fewshot_dataset`` after
   ``set_random_seed(S)``: the train items in the order the dataset lists them, grouped by label in order of first
   appearance (``split_dataset_by_label``, a defaultdict), ``random.sample(items, K)`` per group (all of them when a
-  group has fewer), then the same RNG for ``min(K, 4)`` val shots per group of the val list.  CoOp's order is
-  that of its split file (``split_zhou_*.json``, see datamodules/coop_datasets.py); an image folder is listed
-  sorted here, which is CoOp's order only where ``os.listdir`` returns sorted names.
+  group has fewer), then the same RNG for ``min(K, 4)`` val shots per group of the val list.  For the ten
+  fine-grained datasets CoOp's order is that of its split file (``split_zhou_*.json``, see
+  datamodules/coop_datasets.py), so the picks are CoOp's on any machine.
+- The order of an image folder (``ImageFolderSource``; CoOp reads ImageNet this way) is deterministic: class
+  folders sorted by name, and in each class the image files (by suffix, names starting with ``.`` skipped)
+  sorted by name (code-point order). CoOp's ``ImageNet.read_data`` sorts the class folders too, but lists a
+  class's images with Dassl's ``listdir_nohidden``: ``os.listdir`` order, unsorted (on ext4 a hash order that
+  differs between machines), names starting with ``.`` skipped, no suffix filter. So ``dassl`` on an image
+  folder gives exactly CoOp's ImageNet picks where ``os.listdir`` returns every class folder sorted and the folder
+  holds only images; elsewhere CoOp's own picks differ from machine to machine, ours do not.
 - The split is a JSON manifest ``{data_dir}/fewshot_splits/{dataset}/shot_{K}-seed_{S}.json`` (``...-dassl.json``
   for the dassl sampler) holding the file ids per class; it is written once (atomically) and reused. A manifest
   that does not match the dataset (other classes, missing files, wrong labels, another sampler) fails with an
@@ -99,8 +106,9 @@ class ImageFolderSource:
             out = []
             for key in self.class_keys:
                 folder = self.root / split / key
-                if folder.is_dir():
-                    out += [(f"{split}/{key}/{p.name}", self._index[key]) for p in list_images(folder)]
+                if folder.is_dir():  # sorted by name; hidden names skipped, as Dassl's listdir_nohidden
+                    out += [(f"{split}/{key}/{p.name}", self._index[key]) for p in list_images(folder)
+                            if not p.name.startswith(".")]
             self._items[split] = out
         return self._items[split]
 

@@ -54,6 +54,8 @@ WEB_OBJECT_WORD_TEMPLATES = ("{word}", "{word}.", "a {word}.")   # the written w
 WordCaptions = Literal["sign", "web"]
 ObjectWordCaptions = Literal["describe", "web"]
 VOCAB_SIZE = 500   # dictionary words used by the world (a fixed seeded subset of single-token words)
+TextLayout = Literal["grid", "free"]
+GRID_COLUMNS = 8   # "grid" layout: the canvas is 8 x 8 cells, one letter per cell (a cell = one ViT patch at 64 px / 8)
 
 
 def class_prompts(shape: str) -> list[str]:
@@ -228,12 +230,42 @@ def _draw_word_fitting(image: Image.Image, word: str, style: TextStyle, rng: ran
     raise AssertionError("unreachable")
 
 
+@lru_cache(maxsize=None)
+def _grid_font(path: str, size: int):
+    from PIL import ImageFont
+
+    return ImageFont.truetype(path, size)
+
+
+def draw_grid_word(image: Image.Image, word: str, rng: random.Random, fill: tuple[int, int, int],
+                   rows: tuple[int, int] | None = None, white_box: bool = False,
+                   font: str | None = None) -> Image.Image:
+    """``word`` drawn on a copy of ``image`` with one letter centred in each cell of a GRID_COLUMNS x GRID_COLUMNS
+    grid (cell = side / GRID_COLUMNS px: one ViT patch when the patch grid matches), starting at a random column, on
+    a random row in ``rows`` (first, last; default all). Words longer than GRID_COLUMNS raise ValueError."""
+    image = image.convert("RGB").copy()
+    cell = image.width / GRID_COLUMNS
+    n = len(word)
+    if not 0 < n <= GRID_COLUMNS:
+        raise ValueError(f"Word {word!r} has {n} letters; the grid layout holds 1..{GRID_COLUMNS}.")
+    lo, hi = rows if rows is not None else (0, GRID_COLUMNS - 1)
+    c0, r0 = rng.randint(0, GRID_COLUMNS - n), rng.randint(lo, hi)
+    f = _grid_font(font or rng.choice(_fonts()), max(6, int(round(cell * 1.25))))
+    d = ImageDraw.Draw(image)
+    if white_box:
+        d.rectangle([c0 * cell, r0 * cell, (c0 + n) * cell - 1, (r0 + 1) * cell - 1], fill=(255, 255, 255))
+    for i, ch in enumerate(word):
+        d.text(((c0 + i + 0.5) * cell, (r0 + 0.5) * cell), ch, font=f, fill=fill, anchor="mm")
+    return image
+
+
 def render_object(shape: str, colour: str, rng: random.Random, image_size: int = 64,
-                  word: str | None = None) -> tuple[Image.Image, tuple[int, int, int, int]]:
+                  word: str | None = None, text_layout: TextLayout = "free") -> tuple[Image.Image, tuple[int, int, int, int]]:
     """One ``colour`` ``shape`` at a random size/position on a textured background -> (RGB image, bbox x0,y0,x1,y1).
 
     With ``word``, the word is then drawn onto the object (typographic attack); the object itself, the background
-    and the bbox are identical to the call without ``word`` given an rng in the same state.
+    and the bbox are identical to the call without ``word`` given an rng in the same state. ``text_layout="grid"``:
+    one letter per grid cell on a row crossing the object (draw_grid_word); ``"free"``: a font sized to the object.
     """
     if colour not in COLOURS:
         raise ValueError(f"Unknown colour {colour!r}; expected one of {', '.join(COLOURS)}.")
@@ -249,7 +281,14 @@ def render_object(shape: str, colour: str, rng: random.Random, image_size: int =
     image.paste(Image.new("RGB", image.size, rgb), (0, 0), mask)
     bbox = mask.getbbox() or (x0, y0, x0 + w, y0 + h)
     text_rng = random.Random(rng.getrandbits(32))  # drawn even without a word, so rng ends in the same state
-    if word:
+    if word and text_layout == "grid" and len(word) <= GRID_COLUMNS:
+        style = _word_style(text_rng, rgb, size=8)
+        cell = image_size / GRID_COLUMNS
+        mid = (bbox[1] + bbox[3]) / 2 // cell                 # a row through the middle of the object
+        rows = (int(max(0, mid - 1)), int(min(GRID_COLUMNS - 1, mid + 1)))
+        image = draw_grid_word(image, word, text_rng, tuple(style.fill), rows=rows, white_box=style.white_box,
+                               font=style.font)
+    elif word:
         style = _word_style(text_rng, rgb, size=max(8, int(h * 0.4)))
         # the word is centred on the object's rows (it may overhang the object sideways, like a label)
         cy0, cy1 = bbox[1], bbox[3]
@@ -262,13 +301,17 @@ def render_object(shape: str, colour: str, rng: random.Random, image_size: int =
 
 
 def render_word(word: str, rng: random.Random, image_size: int = 64, size_range: tuple[float, float] = (0.28, 0.45),
-                n_fonts: int = 0) -> tuple[Image.Image, tuple[int, int, int, int]]:
+                n_fonts: int = 0, text_layout: TextLayout = "free") -> tuple[Image.Image, tuple[int, int, int, int]]:
     """A word image: ``word`` in a random font / dark colour / position on a textured background.
-    ``size_range``: font size as a fraction of the side; ``n_fonts``: use only the first n fonts (0: all).
-    Returns (image, canvas box)."""
+    ``text_layout="grid"``: one letter per grid cell (draw_grid_word); ``"free"``: font size a fraction
+    ``size_range`` of the side, anywhere. ``n_fonts``: use only the first n fonts (0: all). Returns (image, canvas box)."""
     image = render_background(rng, image_size)
     fill = (rng.randint(0, 90), rng.randint(0, 90), rng.randint(0, 90))
     fonts = _fonts()[:n_fonts] if n_fonts > 0 else _fonts()
+    if text_layout == "grid" and len(word) <= GRID_COLUMNS:
+        font = rng.choice(fonts)
+        return (draw_grid_word(image, word, rng, fill, white_box=rng.random() < 0.15, font=font),
+                (0, 0, image_size, image_size))
     style = TextStyle(font=rng.choice(fonts), size=rng.randint(int(image_size * size_range[0]),
                                                                int(image_size * size_range[1])),
                       fill=fill, position="random", white_box=rng.random() < 0.15, box_pad=2)
@@ -333,7 +376,7 @@ class WorldDataset(Dataset):
                  object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
                  return_pil: bool = False, word_captions: WordCaptions = "sign",
                  object_word_captions: ObjectWordCaptions = "describe", word_only_share: float = 0.3,
-                 word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0):
+                 word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0, text_layout: TextLayout = "free"):
         if not (0 <= word_share and 0 <= object_word_share and word_share + object_word_share <= 1):
             raise ValueError(f"word_share={word_share} and object_word_share={object_word_share} must be >= 0 "
                              f"and sum to at most 1.")
@@ -351,6 +394,9 @@ class WorldDataset(Dataset):
                              f"(got {word_only_share}), n_fonts >= 0 (got {n_fonts}).")
         self.word_captions, self.object_word_captions = word_captions, object_word_captions
         self.word_only_share, self.word_size, self.n_fonts = float(word_only_share), tuple(word_size), int(n_fonts)
+        if text_layout not in ("grid", "free"):
+            raise ValueError(f"text_layout must be 'grid' or 'free' (got {text_layout!r}).")
+        self.text_layout: TextLayout = text_layout
         self.vocab = world_vocabulary()
 
     def __len__(self) -> int:
@@ -369,7 +415,7 @@ class WorldDataset(Dataset):
         u = rng.random()
         if u < self.word_share:
             word = self._random_word(rng)
-            image, _ = render_word(word, rng, self.image_size, self.word_size, self.n_fonts)
+            image, _ = render_word(word, rng, self.image_size, self.word_size, self.n_fonts, self.text_layout)
             return dict(image=image, kind="word", shape="", colour="", word=word, label=-1,
                         caption=caption_for("word", rng, word=word, word_captions=self.word_captions))
         shape, colour = rng.choice(SHAPES), rng.choice(tuple(COLOURS))
@@ -378,7 +424,7 @@ class WorldDataset(Dataset):
                 word = rng.choice([s for s in SHAPES if s != shape])
             else:
                 word = self._random_word(rng)
-            image, _ = render_object(shape, colour, rng, self.image_size, word=word)
+            image, _ = render_object(shape, colour, rng, self.image_size, word=word, text_layout=self.text_layout)
             return dict(image=image, kind="object_word", shape=shape, colour=colour, word=word,
                         label=SHAPES.index(shape),
                         caption=caption_for("object_word", rng, shape=shape, colour=colour, word=word,
@@ -424,7 +470,8 @@ class TypographicSplit:
     classnames: tuple[str, ...] = SHAPES
 
 
-def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64) -> TypographicSplit:
+def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64, text_layout: TextLayout = "free"
+                      ) -> TypographicSplit:
     """Deterministic from ``seed``: n objects (classes balanced round-robin), each rendered clean and attacked."""
     if n < 1:
         raise ValueError(f"typographic_split needs n >= 1, got {n}")
@@ -437,7 +484,7 @@ def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64) -> T
         state = rng.getstate()
         img_clean, _ = render_object(shape, colour, rng, image_size)
         rng.setstate(state)
-        img_att, _ = render_object(shape, colour, rng, image_size, word=word)
+        img_att, _ = render_object(shape, colour, rng, image_size, word=word, text_layout=text_layout)
         clean.append(img_clean)
         attacked.append(img_att)
         labels.append(label)
@@ -446,8 +493,8 @@ def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64) -> T
     return TypographicSplit(clean, attacked, labels, words, colours)
 
 
-def word_split(n: int = 200, seed: int = 4321, image_size: int = 64, nonsense: bool = False
-               ) -> tuple[list[Image.Image], list[str]]:
+def word_split(n: int = 200, seed: int = 4321, image_size: int = 64, nonsense: bool = False,
+               text_layout: TextLayout = "free") -> tuple[list[Image.Image], list[str]]:
     """n word images with distinct words (vocabulary words, or nonsense strings), deterministic from seed."""
     rng = random.Random(seed)
     vocab = world_vocabulary()
@@ -458,7 +505,7 @@ def word_split(n: int = 200, seed: int = 4321, image_size: int = 64, nonsense: b
         if w not in seen:
             seen.add(w)
             words.append(w)
-    images = [render_word(w, _item_rng(seed, i), image_size)[0] for i, w in enumerate(words)]
+    images = [render_word(w, _item_rng(seed, i), image_size, text_layout=text_layout)[0] for i, w in enumerate(words)]
     return images, words
 
 
@@ -482,16 +529,18 @@ class SyntheticWorldDataModule(pl.LightningDataModule):
                  num_workers: int = 0, image_size: int = 64, word_share: float = 0.25,
                  object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
                  word_captions: WordCaptions = "sign", object_word_captions: ObjectWordCaptions = "describe",
-                 word_only_share: float = 0.3, word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0):
+                 word_only_share: float = 0.3, word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0,
+                 text_layout: TextLayout = "free"):
         super().__init__()
         self.save_hyperparameters()
         opts = dict(word_captions=word_captions, object_word_captions=object_word_captions,
                     word_only_share=word_only_share, word_size=tuple(word_size), n_fonts=n_fonts)
+        layout = dict(text_layout=text_layout)
         self.train_set = WorldDataset(seed, train_length, image_size, word_share, object_word_share,
-                                      nonsense_share, class_word_share, **opts)
+                                      nonsense_share, class_word_share, **opts, **layout)
         # validation keeps the default captions and word sizes: its metrics stay comparable across configs
         self.val_set = WorldDataset(seed + 1_000_003, val_size, image_size, word_share, object_word_share,
-                                    nonsense_share, class_word_share)
+                                    nonsense_share, class_word_share, **layout)
 
     def _loader(self, ds: Dataset, shard: bool = True) -> DataLoader:
         nw = self.hparams.num_workers

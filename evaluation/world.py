@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +33,14 @@ class Settings:
     """seed of the fixed splits"""
     words: int = 200
     """word images per retrieval split"""
+    text_layout: Literal["free", "grid"] = "free"
+    """how words are drawn (datamodules/synthetic_world.py): 'free' (the shipped CLIP's world) or 'grid' (one letter
+    per ViT patch cell, the issue-18 reading experiments); use the layout the CLIP was trained on"""
 
 
 def check(s: Settings, ctx: RunContext | None = None) -> None:
+    if s.text_layout not in ("free", "grid"):
+        raise ValueError(f"--world.text_layout must be 'free' or 'grid' (got {s.text_layout!r})")
     if s.n < 1 or s.words < 2:
         raise ValueError(f"--world.n must be >= 1 and --world.words >= 2 (got {s.n}, {s.words})")
 
@@ -50,8 +55,9 @@ def images_to_tensor(model: EvalModel, images: Sequence[Image.Image]) -> torch.T
 
 
 @torch.no_grad()
-def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234) -> dict[str, float]:
-    split = typographic_split(n, seed, image_size=model.backbone.image_size)
+def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234, text_layout: str = "free"
+                        ) -> dict[str, float]:
+    split = typographic_split(n, seed, image_size=model.backbone.image_size, text_layout=text_layout)
     cls = model.class_text_features(SHAPES, TEMPLATES)                      # [C, D]
     labels = torch.tensor(split.labels, device=model.device)
     attack = torch.tensor([SHAPES.index(w) for w in split.attack_words], device=model.device)
@@ -65,8 +71,9 @@ def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234) -> dic
 
 
 @torch.no_grad()
-def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool) -> float:
-    images, words = word_split(n, seed, image_size=model.backbone.image_size, nonsense=nonsense)
+def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool, text_layout: str = "free") -> float:
+    images, words = word_split(n, seed, image_size=model.backbone.image_size, nonsense=nonsense,
+                               text_layout=text_layout)
     img = model.encode_images(images_to_tensor(model, images))              # [N, D]
     txt = model.encode_texts([word_prompt(w) for w in words])              # [N, D]
     pred = (img @ txt.t()).argmax(-1).cpu()
@@ -75,8 +82,9 @@ def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool) -> 
 
 def run(model: EvalModel, s: Settings = Settings(), ctx: RunContext | None = None) -> dict:
     check(s)
-    out = typographic_metrics(model, s.n, s.seed)
-    out["word_top1_real"] = word_retrieval_top1(model, s.words, s.seed + 1, nonsense=False)
-    out["word_top1_nonsense"] = word_retrieval_top1(model, s.words, s.seed + 2, nonsense=True)
+    out = typographic_metrics(model, s.n, s.seed, s.text_layout)
+    out["word_top1_real"] = word_retrieval_top1(model, s.words, s.seed + 1, nonsense=False, text_layout=s.text_layout)
+    out["word_top1_nonsense"] = word_retrieval_top1(model, s.words, s.seed + 2, nonsense=True,
+                                                    text_layout=s.text_layout)
     out["word_chance"] = 1.0 / s.words
     return out

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from xclip.datamodules.synthetic_world import SHAPES, class_prompts, word_prompt
@@ -33,14 +34,22 @@ class ClipPretrain(pl.LightningModule):
 
     def __init__(self, model_name: str = "tiny-vit-world", lr: float = 1e-3, weight_decay: float = 0.1,
                  warmup_steps: int = 200, max_steps: int = 2000, beta1: float = 0.9, beta2: float = 0.98,
-                 eps: float = 1e-6, min_lr_ratio: float = 0.0, init_seed: int = 0):
+                 eps: float = 1e-6, min_lr_ratio: float = 0.0, init_seed: int = 0, letter_loss_weight: float = 0.0):
+        """``letter_loss_weight`` > 0 adds an auxiliary loss (issue 18 reading experiments): a linear head on each
+        tower's normalised embedding predicts which letters the item's written word contains (26 binary targets,
+        items with a word only); the heads are not part of the exported CLIP."""
         super().__init__()
         self.save_hyperparameters()
-        if warmup_steps < 0 or max_steps < 1:
-            raise ValueError(f"warmup_steps must be >= 0 and max_steps >= 1 (got {warmup_steps}, {max_steps}).")
+        if warmup_steps < 0 or max_steps < 1 or letter_loss_weight < 0:
+            raise ValueError(f"warmup_steps and letter_loss_weight must be >= 0 and max_steps >= 1 (got "
+                             f"{warmup_steps}, {letter_loss_weight}, {max_steps}).")
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)  # weights depend on init_seed only, not on the caller's RNG state
             self.clip = build_clip(model_name)
+            if letter_loss_weight > 0:
+                dim = self.clip.model.text_projection.shape[1]
+                self.letter_heads = torch.nn.ModuleDict({"image": torch.nn.Linear(dim, 26),
+                                                         "text": torch.nn.Linear(dim, 26)})
         self.clip.model.train()
         self.loss_fn: ClipLoss | None = None
         self._t0 = time.time()
@@ -65,6 +74,10 @@ class ClipPretrain(pl.LightningModule):
         scale = self.clip.model.logit_scale.exp()
         loss = self.loss_fn(img, txt, scale)
         self.log("train/loss", loss, prog_bar=True)
+        if self.hparams.letter_loss_weight > 0:
+            aux = letter_loss(self.letter_heads, img, txt, batch["word"])
+            self.log("train/letter_loss", aux)
+            loss = loss + self.hparams.letter_loss_weight * aux
         self.log("train/logit_scale", scale, prog_bar=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
@@ -75,6 +88,8 @@ class ClipPretrain(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
+        if self.hparams.letter_loss_weight > 0:
+            no_decay += list(self.letter_heads.parameters())
         for n, p in self.clip.model.named_parameters():
             if not p.requires_grad:
                 continue
@@ -119,6 +134,24 @@ class ClipPretrain(pl.LightningModule):
             wp = (img[wm] @ t.t()).argmax(-1).tolist()
             self.log("val/word_top1", sum(uniq[j] == w for j, w in zip(wp, words)) / len(words), prog_bar=True)
         self.log("val/wall_minutes", (time.time() - self._t0) / 60)
+
+
+def letter_targets(words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Words -> (has_word [B] bool, letters [n, 26] float: 1 where letter a..z occurs), n = has_word.sum()."""
+    has = torch.tensor([bool(w) for w in words])
+    rows = [[float(chr(97 + k) in w.lower()) for k in range(26)] for w in words if w]
+    return has, torch.tensor(rows).view(-1, 26)
+
+
+def letter_loss(heads: torch.nn.ModuleDict, img: torch.Tensor, txt: torch.Tensor, words: list[str]) -> torch.Tensor:
+    """Bag-of-letters BCE of both towers' normalised embeddings ([B, D] each) on the items with a word."""
+    has, target = letter_targets(words)
+    if not bool(has.any()):
+        return img.sum() * 0.0
+    has = has.to(img.device)
+    target = target.to(img.device)
+    return sum(F.binary_cross_entropy_with_logits(heads[k](e[has] * 10.0), target)   # x10: unit vectors -> logits
+               for k, e in (("image", img), ("text", txt)))
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:

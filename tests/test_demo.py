@@ -23,6 +23,30 @@ def test_demo_smoke(tmp_path):
     assert len(saved["val_clip"]) > 0 and saved["train_argv"][:2] == ["fit", "--config"]
 
 
+def test_demo_figure_and_json_show_attack_success_reading_and_labelled_examples(tmp_path):
+    """Issue 18 §3: attack success before/after is in results.json and drawn; the reading panel has before/after
+    bars with their values; every example is labelled with its true class, written word and both predictions."""
+    from xclip import demo
+
+    res = demo.main(["--out", str(tmp_path), "--pretrained", "none", "--fast", "true", "--wandb", "false",
+                     "--n_train", "64", "--n_val", "32", "--n_attack", "20", "--epochs", "1"])
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)
+    m, s = saved["typographic"], saved["summary"]
+    assert s["attack_success_before"] == m["clip/attack_success"]
+    assert s["attack_success_after"] == m["projected/attack_success"]
+    panels = {p["title"]: p["bars"] for p in saved["figure"]["panels"]}
+    assert panels["Attack success"]["clip"] == {"attacked\nobjects": m["clip/attack_success"]}
+    assert panels["Attack success"]["projected"] == {"attacked\nobjects": m["projected/attack_success"]}
+    reading = next(b for t, b in panels.items() if t.startswith("Reading"))
+    for key_label, key in demo.READING_BARS:
+        assert reading["clip"][key_label] == saved["val_clip"][key]
+        assert reading["projected"][key_label] == saved["val_projected"][key]
+    examples = saved["figure"]["examples"]
+    assert len(examples) == 4 and all(set(e) >= {"true", "written", "before", "after"} for e in examples)
+    assert all(e["true"] != e["written"] for e in examples)
+    assert res["figure"] == saved["figure"]
+
+
 def test_demo_trains_the_packaged_train_config(tmp_path, monkeypatch):
     """demo = `xclip train fit --config <package>/configs/spelling/forget_to_spell_world.yaml` + output overrides:
     every model/data/trainer setting of the train config reaches the demo's run unchanged (no hand-built copy)."""

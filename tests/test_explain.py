@@ -110,6 +110,30 @@ def test_example_config_parses_and_print_config_round_trips(tmp_path, capsys, mo
     assert again.start_layer_image == 0 and again.image == cfg.image and again.out == str(tmp_path)
 
 
+def test_relative_image_paths_follow_the_config_file_not_the_working_folder(world_images, tmp_path, monkeypatch):
+    """In a --config, a relative image path is relative to the config's folder even when the working folder holds
+    a file of the same name; on the command line it is relative to the working folder."""
+    import shutil
+
+    cfg_dir, cwd = tmp_path / "cfgs", tmp_path / "elsewhere"
+    (cfg_dir / "imgs").mkdir(parents=True)
+    (cwd / "imgs").mkdir(parents=True)
+    shutil.copy(world_images[0], cfg_dir / "imgs" / "x.png")
+    shutil.copy(world_images[1], cwd / "imgs" / "x.png")             # same relative name, another image
+    config = cfg_dir / "c.yaml"
+    config.write_text("image: [imgs/x.png]\ntext: [a star]\n")
+    monkeypatch.chdir(cwd)
+    parser = explain_cli.build_parser()
+    from_config = parser.parse_args(["--config", str(config), "--out", "o"])
+    assert explain_cli.image_paths(from_config) == [str(cfg_dir / "imgs" / "x.png")]
+    from_flag = parser.parse_args(["--config", str(config), "--image", "imgs/x.png", "--out", "o"])
+    assert explain_cli.image_paths(from_flag) == [str(cwd / "imgs" / "x.png")]
+    missing = parser.parse_args(["--config", str(config), "--image", "imgs/none.png", "--out", "o"])
+    assert explain_cli.image_paths(missing) == ["imgs/none.png"]      # reported later, with every bad path
+    rc = explain_cli.main(["--config", str(config), "--image", "imgs/none.png", "--out", str(tmp_path / "o")])
+    assert rc == 2
+
+
 @pytest.mark.slow  # ~15 s: W&B starts its service process
 def test_wandb_offline_logging(world_images, tmp_path, monkeypatch):
     pytest.importorskip("wandb")

@@ -166,3 +166,36 @@ def test_dassl_sampler_on_image_folder_and_manifests_record_their_sampler(folder
     path.write_text(json.dumps({k: v for k, v in xman.items() if k != "sampler"}))
     with pytest.raises(FewShotDataError, match="picked by sampler 'xclip', expected 'dassl'"):
         _dm(folder, tmp_path, shots=3, seed=2, fewshot_sampler="dassl").data
+
+
+def _coop_imagenet_picks(root, shots: int, seed: int, listdir) -> dict:
+    """CoOp's ImageNet train list + Dassl's generate_fewshot_dataset, as CoOp runs them (ntlb_coop.md): class
+    folders sorted, a class's images in ``listdir`` order minus names starting with '.', groups by label in order of
+    first appearance, ``random.seed(seed)`` then ``random.sample(group, K)``."""
+    import random
+
+    folders = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    groups = {f: [f"train/{f}/{n}" for n in listdir(root / "train" / f) if not n.startswith(".")] for f in folders}
+    random.seed(seed)
+    return {f: sorted(random.sample(ids, shots)) for f, ids in groups.items()}
+
+
+def test_image_folder_order_is_sorted_whatever_the_listing_order_and_coops_where_listdir_sorts(folder, tmp_path,
+                                                                                              monkeypatch):
+    """Our listing does not depend on the file system's order (the picks are the same on every machine); CoOp's
+    ImageNet picks do, and equal ours exactly where os.listdir returns sorted names (module doc)."""
+    import os
+    import pathlib
+
+    (folder / "train" / "red" / "._000.png").write_bytes(b"AppleDouble")   # a hidden file: skipped, as Dassl does
+    picks = _dm(folder, tmp_path / "a", shots=3, seed=2, fewshot_sampler="dassl").data.manifest["train"]
+    assert picks == _coop_imagenet_picks(folder, 3, 2, lambda d: sorted(os.listdir(d)))
+    assert not any(f.split("/")[-1].startswith(".") for ids in picks.values() for f in ids)
+
+    real_iterdir = pathlib.Path.iterdir
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: iter(sorted(real_iterdir(self), reverse=True)))
+    again = _dm(folder, tmp_path / "b", shots=3, seed=2, fewshot_sampler="dassl").data.manifest["train"]
+    assert again == picks                                    # a reversed listing: the same picks
+    monkeypatch.undo()
+    reversed_coop = _coop_imagenet_picks(folder, 3, 2, lambda d: sorted(os.listdir(d), reverse=True))
+    assert reversed_coop != picks                            # CoOp's picks follow the listing order

@@ -77,3 +77,18 @@ def test_no_sys_path_manipulation_left():
             offenders.append(str(p.relative_to(REPO)))
     offenders = [o for o in offenders if o != "tests/test_package.py"]
     assert not offenders, offenders
+
+
+def test_version_has_one_source_and_the_wheel_carries_it(wheel):
+    """pyproject.toml names no version of its own: it reads xclip.__version__, which the built wheel then carries."""
+    import tomllib
+
+    import xclip
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "xclip.__version__"}
+    assert wheel.name.startswith(f"xclip-{xclip.__version__}-")
+    dist_info = f"{wheel.name.split('-py3')[0]}.dist-info"
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert f"\nVersion: {xclip.__version__}\n" in metadata

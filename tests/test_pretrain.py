@@ -61,6 +61,50 @@ def test_a_few_steps_lower_the_loss():
     assert after < before - 0.3, (before, after)
 
 
+def test_letter_loss_matches_a_hand_computed_bce_learns_and_is_not_exported(tmp_path):
+    import pytorch_lightning as pl
+
+    from xclip.datamodules.synthetic_world import SyntheticWorldDataModule, collate
+    from xclip.lightning_modules.clip_pretrain import ClipPretrain, clip_state_from_checkpoint, letter_targets
+
+    has, tgt = letter_targets(["cab", "", "zz"])
+    assert has.tolist() == [True, False, True] and tgt.shape == (2, 26)
+    assert tgt[0].nonzero().flatten().tolist() == [0, 1, 2] and tgt[1].nonzero().flatten().tolist() == [25]
+
+    pl.seed_everything(0)
+    dm = SyntheticWorldDataModule(seed=0, train_length=64, val_size=8, batch_size=16, image_size=32,
+                                  word_share=0.6, text_layout="grid")
+    model = ClipPretrain("tiny-vit-test", lr=3e-3, warmup_steps=1, max_steps=40, letter_loss_weight=1.0)
+    batch = collate([dm.train_set[i] for i in range(16)])
+    words = batch["word"]
+    assert 0 < sum(bool(w) for w in words) < 16
+
+    def letter_loss_now() -> tuple[float, float]:
+        with torch.no_grad():
+            img, txt = model(batch["image"], model.clip.tokenize(batch["caption"]))
+            ref = 0.0
+            for head, e in ((model.letter_heads["image"], img), (model.letter_heads["text"], txt)):
+                for w, row in zip(words, e):
+                    if not w:
+                        continue
+                    p = torch.sigmoid(head(row * 10.0))
+                    y = torch.tensor([float(chr(97 + k) in w) for k in range(26)])
+                    ref += -(y * p.log() + (1 - y) * (1 - p).log()).mean().item() / sum(bool(x) for x in words)
+            from xclip.lightning_modules.clip_pretrain import letter_loss
+            return letter_loss(model.letter_heads, img, txt, words).item(), ref
+
+    got, ref = letter_loss_now()
+    assert abs(got - ref) < 1e-5, (got, ref)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    after, _ = letter_loss_now()
+    assert after < got - 0.05, (got, after)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    state, _ = clip_state_from_checkpoint(tmp_path / "m.ckpt")
+    assert state and not any("letter" in k for k in state)          # the heads are not part of the CLIP
+
+
 def test_ddp_two_processes_equal_single_process(tmp_path):
     """2 gloo processes x batch 8 (ClipLoss gathers with gradients) == 1 process x batch 16."""
     steps = ["--trainer.max_steps=4", "--model.init_args.max_steps=4"]

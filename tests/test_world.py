@@ -135,3 +135,44 @@ def test_reading_options_default_to_the_shipped_world_and_web_captions_name_the_
         WorldDataset(word_captions="tweet")
     with pytest.raises(ValueError, match="word_size"):
         WorldDataset(word_size=(0.5, 0.2))
+
+
+def test_grid_layout_puts_one_letter_in_each_cell_of_one_row():
+    from xclip.datamodules.synthetic_world import GRID_COLUMNS, draw_grid_word, render_background, render_word
+
+    cell = 64 // GRID_COLUMNS
+    for seed, word in enumerate(["cat", "pentagon", "xq"]):
+        bg = render_background(random.Random(seed), 64)
+        img = draw_grid_word(bg, word, random.Random(seed), fill=(0, 0, 0))
+        ink = np.abs(np.asarray(img, dtype=int) - np.asarray(bg, dtype=int)).sum(-1) > 60   # [64, 64]
+        rows = {y // cell for y in np.nonzero(ink.any(1))[0]}
+        assert len(rows) <= 2, rows                       # one row of cells (descenders may touch the next)
+        cols = sorted({x // cell for x in np.nonzero(ink.any(0))[0]})
+        assert len(cols) == len(word) and cols == list(range(cols[0], cols[0] + len(word))), (word, cols)
+        for c in cols:                                    # every cell of the word holds ink
+            assert ink[:, c * cell:(c + 1) * cell].sum() > 3, (word, c)
+    a, _ = render_word("moon", random.Random(1), 64, text_layout="grid")
+    b, _ = render_word("moon", random.Random(1), 64, text_layout="grid")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    long, _ = render_word("abcdefghij", random.Random(1), 64, text_layout="grid")   # > 8 letters: free layout
+    assert long.size == (64, 64)
+    with pytest.raises(ValueError, match="grid layout holds"):
+        draw_grid_word(bg, "abcdefghij", random.Random(0), fill=(0, 0, 0))
+
+
+def test_grid_layout_changes_only_the_text_and_the_suite_reads_it():
+    from xclip.evaluation import world
+
+    free = typographic_split(n=6, seed=5, image_size=64)
+    grid = typographic_split(n=6, seed=5, image_size=64, text_layout="grid")
+    assert free.labels == grid.labels and free.attack_words == grid.attack_words
+    for i in range(6):
+        assert np.array_equal(np.asarray(free.clean[i]), np.asarray(grid.clean[i]))   # objects unchanged
+        assert not np.array_equal(np.asarray(free.attacked[i]), np.asarray(grid.attacked[i]))
+    assert word_split(5, seed=2)[1] == word_split(5, seed=2, text_layout="grid")[1]
+    ds = WorldDataset(seed=0, length=40, image_size=32, text_layout="grid")
+    assert {ds.sample(i)["kind"] for i in range(40)} >= {"word", "object"}
+    with pytest.raises(ValueError, match="text_layout"):
+        WorldDataset(text_layout="diagonal")
+    with pytest.raises(ValueError, match="text_layout"):
+        world.check(world.Settings(text_layout="diagonal"))

@@ -10,33 +10,12 @@ from xclip.generation.zerocap import ZeroCap, ZeroCapConfig, forbidden_token_ids
 from xclip.models.clip_backbone import SHIPPED_WEIGHTS, build_clip
 
 
-def _captions(n: int, seed: int = 0) -> list[str]:
-    """World captions in two word orders, so that after "Image of a" both a colour and a shape are fluent."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        out.append(f"Image of a {colour} {shape}." if rng.random() < 0.5 else f"Image of a {shape} in {colour}.")
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_lm():
     """A byte-level BPE tokenizer + 2-layer GPT-2 trained for a few seconds on world captions (all local)."""
-    from _tiny_lm import random_gpt2
+    from _tiny_lm import world_lm
 
-    lm, tok = random_gpt2(_captions(2000) + ["Image of 1 2 3 (x), y: z!"], vocab_size=400, n_embd=64, n_layer=2)
-    ids = [[tok.bos_token_id] + tok.encode(c) for c in _captions(512, seed=1)]
-    L = max(map(len, ids))
-    batch = torch.tensor([x + [tok.eos_token_id] * (L - len(x)) for x in ids])
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    for step in range(60):
-        b = batch[torch.randint(0, len(batch), (64,))]
-        loss = lm(input_ids=b, labels=b).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return lm.eval(), tok
+    return world_lm()
 
 
 @pytest.fixture(scope="module")

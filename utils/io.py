@@ -237,9 +237,12 @@ def check_writable_file(path: str | Path, flag: str = "--out") -> Path:
 
 
 def check_writable_dir(path: str | Path, flag: str = "--out", what: str | None = None) -> Path:
-    """Before any long work: folder ``path`` exists (created if missing) and a file can be created in it."""
+    """Before any long work: folder ``path`` exists (created if missing) and a file can be created in it.
+
+    ``what`` names the folder in the messages ("<what> is not writable"); by default it is "<flag> <path>", said to
+    be "not a writable folder"."""
     path = Path(path).expanduser()
-    what = what or f"{flag} {path}"
+    what, problem = (what, "is not writable") if what else (f"{flag} {path}", "is not a writable folder")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} is a file, not a folder; choose another location for {flag}")
     try:
@@ -248,6 +251,6 @@ def check_writable_dir(path: str | Path, flag: str = "--out", what: str | None =
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ValueError(f"{what} is not writable ({type(e).__name__}: {e.strerror or e}); choose a writable "
+        raise ValueError(f"{what} {problem} ({type(e).__name__}: {e.strerror or e}); choose a writable "
                          f"location for {flag}") from None
     return path
