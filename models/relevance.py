@@ -27,7 +27,7 @@ texts in one backward (texts do not interact), and for a fixed text c, ``y_c = s
 images: B text-tower passes and C image-tower passes, each run as one vmapped backward (``is_grads_batched``).
 Exact shortcuts:
   * backward no deeper than the start layer: blocks below it run without a graph (under no_grad) when nothing
-    upstream needs grad, and the first captured block gets a detached leaf as input;
+    upstream needs grad, and the probabilities of the first captured block are the graph's leaves;
   * the last block is computed for the pooled token only (CLS / EOT: K and V for all tokens, the rest for one), and
     only the explained row of R is propagated, as a row vector ``r <- r + r @ Abar_l`` from the last layer down;
   * with the causal text mask, tokens after the last EOT of a chunk cannot influence any EOT feature, so the text
@@ -316,8 +316,9 @@ def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
 #   skip     blocks below start_layer when nothing upstream needs grad: under no_grad, fused attention
 #            (F.scaled_dot_product_attention: no probabilities are needed there);
 #   plain    blocks below start_layer otherwise: explicit attention, probabilities not kept;
-#   capture  explicit attention, probabilities kept (the input of the first captured block is detached into a
-#            fresh leaf when the tower is depth-limited, so the backward stops there);
+#   capture  explicit attention, probabilities kept (when the tower is depth-limited, the first captured block
+#            computes q, k, v and the softmax without a graph and its probabilities are the graph's leaves, so the
+#            backward stops there);
 #   pooled   the last block when only the pooled row (CLS / EOT) is read: K and V for every token, Q, the attention
 #            row, out-projection and MLP for the pooled token only; every output row holds the pooled row's value
 #            (downstream only the pooled row is read), and the kept probabilities are that row: [n, H, 1, N].
@@ -345,18 +346,20 @@ def _onednn_linear():
     return _ONEDNN[0]
 
 
+def _graph_free_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The oneDNN linear op when it applies here (no graph recorded, fp32 CPU, contiguous weight), else None."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if x.numel() == 0 or x.device.type != "cpu" or not x.dtype == weight.dtype == torch.float32 \
+            or (bias is not None and bias.dtype != torch.float32) or not weight.is_contiguous():
+        return None
+    return _onednn_linear()
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) (same values to float rounding); on oneDNN when no graph is recorded (see above)."""
-    if x.numel() == 0:
-        return F.linear(x, weight, bias)
-    graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))
-    if not graph and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 \
-            and (bias is None or bias.dtype == torch.float32) and weight.is_contiguous():
-        op = _onednn_linear()
-        if op is not None:
-            return op(x.contiguous(), weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    op = _graph_free_onednn(x, weight, bias)
+    return F.linear(x, weight, bias) if op is None else op(x.contiguous(), weight, bias, "none", [], "")
 
 
 class _FirstOrderGelu(torch.autograd.Function):
@@ -400,7 +403,12 @@ def _mlp(block: nn.Module, h: torch.Tensor, first_order: bool = False) -> torch.
     fc, act, proj = (getattr(mlp, n, None) for n in ("c_fc", "gelu", "c_proj"))
     if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(fc, nn.Linear) and isinstance(proj, nn.Linear) \
             and act is not None:
-        return _linear(_activation(act, _linear(h, fc.weight, fc.bias), first_order), proj.weight, proj.bias)
+        op = _graph_free_onednn(h, fc.weight, fc.bias) if type(act) is nn.GELU else None
+        if op is not None:  # linear + GELU in one oneDNN call (its erf GELU agrees with F.gelu to float rounding)
+            hidden = op(h.contiguous(), fc.weight, fc.bias, "gelu", [], act.approximate)
+        else:
+            hidden = _activation(act, _linear(h, fc.weight, fc.bias), first_order)
+        return _linear(hidden, proj.weight, proj.bias)
     return mlp(h)
 
 
@@ -410,34 +418,40 @@ def _block_tail(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor, first
 
 
 def _engine_attention(block: nn.Module, keep: list[torch.Tensor] | None, h: torch.Tensor,
-                      attn_mask: torch.Tensor | None, fused: bool) -> torch.Tensor:
+                      attn_mask: torch.Tensor | None, fused: bool, leaf_probs: bool = False) -> torch.Tensor:
     """Attention of ``block`` on its normalised input h ([B, N, W] batch-first, or [N, B, W]).
 
     fused: F.scaled_dot_product_attention (no probabilities; for blocks run without a graph).  Otherwise the
     explicit softmax, whose live tensor is appended to ``keep`` when given (as ``_explicit_attention``).
+    leaf_probs: the first captured block of a depth-limited tower: q, k, v and the softmax run without a graph and
+    the probabilities become the graph's leaf (nothing below them is differentiated).
     """
     mha: nn.MultiheadAttention = block.attn
     x = h if mha.batch_first else h.transpose(0, 1)  # [B, N, W]
     B, N, W = x.shape
     H = mha.num_heads
     d = W // H
-    qkv = _linear(x, mha.in_proj_weight, mha.in_proj_bias)  # [B, N, 3W]
     mask = attn_mask
     if mask is not None and mask.dim() == 3:  # [B*H, N, N] (MultiheadAttention convention)
         mask = mask.reshape(B, H, N, N)
     dropout = mha.dropout if mha.training else 0.0
-    if fused:
-        q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # [B, H, N, d] each
-        if mask is not None:
-            mask = ~mask if mask.dtype == torch.bool else mask.to(q.dtype)  # SDPA: True = may attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # [B, H, N, d]
-    else:
-        q, k, v = (t.reshape(B, N, H, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # [B, H, N, d] each
-        scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [B, H, N, N]
-        if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
-                else scores + mask.to(scores.dtype)
-        probs = scores.softmax(dim=-1)  # [B, H, N, N]
+    with torch.no_grad() if leaf_probs else contextlib.nullcontext():
+        qkv = _linear(x, mha.in_proj_weight, mha.in_proj_bias)  # [B, N, 3W]
+        if fused:
+            q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # [B, H, N, d] each
+            if mask is not None:
+                mask = ~mask if mask.dtype == torch.bool else mask.to(q.dtype)  # SDPA: True = may attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # [B, H, N, d]
+        else:
+            q, k, v = (t.reshape(B, N, H, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # [B, H, N, d] each
+            scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [B, H, N, N]
+            if mask is not None:
+                scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
+                    else scores + mask.to(scores.dtype)
+            probs = scores.softmax(dim=-1)  # [B, H, N, N]
+    if not fused:
+        if leaf_probs:
+            probs.requires_grad_(True)
         if keep is not None:
             keep.append(probs)
         if dropout > 0:
@@ -449,8 +463,11 @@ def _engine_attention(block: nn.Module, keep: list[torch.Tensor] | None, h: torc
 
 
 def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.Tensor, rows: torch.Tensor | int,
-                  attn_mask: torch.Tensor | None, first_order: bool = False) -> torch.Tensor:
-    """Last block for the pooled query rows only. x: [n, N, W] (batch-first) -> [n, N, W], every row = pooled row."""
+                  attn_mask: torch.Tensor | None, first_order: bool = False, leaf_probs: bool = False) -> torch.Tensor:
+    """Last block for the pooled query rows only. x: [n, N, W] (batch-first) -> [n, N, W], every row = pooled row.
+
+    leaf_probs: as for ``_engine_attention`` (this block is the first captured one of a depth-limited tower).
+    """
     mha: nn.MultiheadAttention = block.attn
     if not mha.batch_first:
         x = x.transpose(0, 1)
@@ -460,17 +477,21 @@ def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.
     idx = torch.arange(n, device=x.device)
     rows = torch.as_tensor(rows, device=x.device).long().expand(n) if not torch.is_tensor(rows) or rows.dim() == 0 \
         else rows.to(x.device).long()
-    h = block.ln_1(x)  # [n, N, W]
-    b = mha.in_proj_bias
-    q = _linear(h[idx, rows], mha.in_proj_weight[:W], None if b is None else b[:W]).reshape(n, H, 1, d)
-    kv = _linear(h, mha.in_proj_weight[W:], None if b is None else b[W:])  # [n, N, 2W]
-    k, v = kv.reshape(n, N, 2, H, d).permute(2, 0, 3, 1, 4)  # [n, H, N, d] each
-    scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [n, H, 1, N]
-    if attn_mask is not None:
-        mask = attn_mask.reshape(n, H, N, N)[idx, :, rows].unsqueeze(2) if attn_mask.dim() == 3 \
-            else attn_mask[rows].reshape(n, 1, 1, N)
-        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
-    probs = scores.softmax(dim=-1)  # [n, H, 1, N]
+    with torch.no_grad() if leaf_probs else contextlib.nullcontext():
+        h = block.ln_1(x)  # [n, N, W]
+        b = mha.in_proj_bias
+        q = _linear(h[idx, rows], mha.in_proj_weight[:W], None if b is None else b[:W]).reshape(n, H, 1, d)
+        kv = _linear(h, mha.in_proj_weight[W:], None if b is None else b[W:])  # [n, N, 2W]
+        k, v = kv.reshape(n, N, 2, H, d).permute(2, 0, 3, 1, 4)  # [n, H, N, d] each
+        scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [n, H, 1, N]
+        if attn_mask is not None:
+            mask = attn_mask.reshape(n, H, N, N)[idx, :, rows].unsqueeze(2) if attn_mask.dim() == 3 \
+                else attn_mask[rows].reshape(n, 1, 1, N)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
+                else scores + mask.to(scores.dtype)
+        probs = scores.softmax(dim=-1)  # [n, H, 1, N]
+    if leaf_probs:
+        probs.requires_grad_(True)
     store.probs[tower].append(probs)
     if mha.training and mha.dropout > 0:
         probs = F.dropout(probs, p=mha.dropout)
@@ -545,13 +566,14 @@ def _relevance_tower(model: nn.Module, tower: str, start_layer: int, *, depth_li
                 if _mode == "skip":
                     with torch.no_grad():
                         return _block_tail(self, q_x, _engine_attention(self, None, self.ln_1(q_x), attn_mask, True))
-                if _leaf:
-                    q_x = q_x.detach().requires_grad_(True)
+                if _leaf:  # below: nothing needs grad; the probabilities of this block are the graph's leaves
+                    q_x = q_x.detach()
                 if _mode == "pooled":
-                    return _pooled_block(self, store, tower, q_x, pooled_rows, attn_mask, first_order)
+                    return _pooled_block(self, store, tower, q_x, pooled_rows, attn_mask, first_order, _leaf)
                 keep = store.probs[tower] if _mode == "capture" else None
-                return _block_tail(self, q_x, _engine_attention(self, keep, self.ln_1(q_x), attn_mask, False),
-                                   first_order)
+                with torch.no_grad() if _leaf else contextlib.nullcontext():
+                    h = self.ln_1(q_x)
+                return _block_tail(self, q_x, _engine_attention(self, keep, h, attn_mask, False, _leaf), first_order)
 
             blk.forward = types.MethodType(forward, blk)
             patched.append(blk)
