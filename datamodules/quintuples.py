@@ -190,11 +190,22 @@ class SyntheticWorldSource:
         with_word, _ = self._sw.render_object(shape, colour, rng, image_size=size, word=word)
         return clean.convert("RGB"), with_word.convert("RGB"), ci
 
+    def render_text(self, word: str, rng: random.Random, size: int) -> Image.Image:
+        """x_t in the world's own text layout: ``word`` alone on a white ``size`` canvas, drawn as the world draws
+        words (``synthetic_world.TEXT_LAYOUT``), so x_t and x_it show the same kind of lettering."""
+        sw = self._sw
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        if sw.TEXT_LAYOUT == "grid" and len(word) <= sw.GRID_COLUMNS:
+            return sw.draw_grid_word(canvas, word, rng, fill=(0, 0, 0))
+        return draw_word(canvas, word, TextStyle(font=rng.choice(resolve_fonts()), size=max(6, size * 5 // 16)),
+                         rng)[0]
+
     def class_prompts(self, name: str) -> list[str]:
         return list(self._sw.class_prompts(name))
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "synthetic-world", "shapes": self.classnames, "colours": self.colours}
+        return {"kind": "synthetic-world", "shapes": self.classnames, "colours": self.colours,
+                "text_layout": self._sw.TEXT_LAYOUT}
 
 
 def make_image_source(source: str, split: str = "train", class_index: str | None = None) -> ImageSource:
@@ -355,7 +366,10 @@ class QuintupleDataset(Dataset):
         word, real = self.words.sample(rng)
         style = self.text_style(rng)
         pos_seed = rng.random()      # x_t and x_it get the same position draw
-        x_t, _ = draw_word(None, word, style, random.Random(pos_seed), self.canvas_size)
+        if self.style.native_text and hasattr(self.source, "render_text"):
+            x_t = self.source.render_text(word, random.Random(pos_seed), self.canvas_size)
+        else:
+            x_t, _ = draw_word(None, word, style, random.Random(pos_seed), self.canvas_size)
         if self.style.native_text and hasattr(self.source, "load_pair"):
             x_i, x_it, class_id = self.source.load_pair(src_idx, rng, self.canvas_size, word)
         else:

@@ -55,6 +55,7 @@ WordCaptions = Literal["sign", "web"]
 ObjectWordCaptions = Literal["describe", "web"]
 VOCAB_SIZE = 500   # dictionary words used by the world (a fixed seeded subset of single-token words)
 TextLayout = Literal["grid", "free"]
+TEXT_LAYOUT: TextLayout = "grid"   # how the world draws words (the layout the shipped CLIP was trained on)
 GRID_COLUMNS = 8   # "grid" layout: the canvas is 8 x 8 cells, one letter per cell (a cell = one ViT patch at 64 px / 8)
 
 
@@ -260,7 +261,7 @@ def draw_grid_word(image: Image.Image, word: str, rng: random.Random, fill: tupl
 
 
 def render_object(shape: str, colour: str, rng: random.Random, image_size: int = 64,
-                  word: str | None = None, text_layout: TextLayout = "free") -> tuple[Image.Image, tuple[int, int, int, int]]:
+                  word: str | None = None, text_layout: TextLayout = TEXT_LAYOUT) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """One ``colour`` ``shape`` at a random size/position on a textured background -> (RGB image, bbox x0,y0,x1,y1).
 
     With ``word``, the word is then drawn onto the object (typographic attack); the object itself, the background
@@ -301,7 +302,7 @@ def render_object(shape: str, colour: str, rng: random.Random, image_size: int =
 
 
 def render_word(word: str, rng: random.Random, image_size: int = 64, size_range: tuple[float, float] = (0.28, 0.45),
-                n_fonts: int = 0, text_layout: TextLayout = "free") -> tuple[Image.Image, tuple[int, int, int, int]]:
+                n_fonts: int = 0, text_layout: TextLayout = TEXT_LAYOUT) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """A word image: ``word`` in a random font / dark colour / position on a textured background.
     ``text_layout="grid"``: one letter per grid cell (draw_grid_word); ``"free"``: font size a fraction
     ``size_range`` of the side, anywhere. ``n_fonts``: use only the first n fonts (0: all). Returns (image, canvas box)."""
@@ -376,7 +377,7 @@ class WorldDataset(Dataset):
                  object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
                  return_pil: bool = False, word_captions: WordCaptions = "sign",
                  object_word_captions: ObjectWordCaptions = "describe", word_only_share: float = 0.3,
-                 word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0, text_layout: TextLayout = "free"):
+                 word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0, text_layout: TextLayout = TEXT_LAYOUT):
         if not (0 <= word_share and 0 <= object_word_share and word_share + object_word_share <= 1):
             raise ValueError(f"word_share={word_share} and object_word_share={object_word_share} must be >= 0 "
                              f"and sum to at most 1.")
@@ -470,7 +471,7 @@ class TypographicSplit:
     classnames: tuple[str, ...] = SHAPES
 
 
-def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64, text_layout: TextLayout = "free"
+def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64, text_layout: TextLayout = TEXT_LAYOUT
                       ) -> TypographicSplit:
     """Deterministic from ``seed``: n objects (classes balanced round-robin), each rendered clean and attacked."""
     if n < 1:
@@ -494,7 +495,7 @@ def typographic_split(n: int = 400, seed: int = 1234, image_size: int = 64, text
 
 
 def word_split(n: int = 200, seed: int = 4321, image_size: int = 64, nonsense: bool = False,
-               text_layout: TextLayout = "free") -> tuple[list[Image.Image], list[str]]:
+               text_layout: TextLayout = TEXT_LAYOUT) -> tuple[list[Image.Image], list[str]]:
     """n word images with distinct words (vocabulary words, or nonsense strings), deterministic from seed."""
     rng = random.Random(seed)
     vocab = world_vocabulary()
@@ -530,7 +531,7 @@ class SyntheticWorldDataModule(pl.LightningDataModule):
                  object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
                  word_captions: WordCaptions = "sign", object_word_captions: ObjectWordCaptions = "describe",
                  word_only_share: float = 0.3, word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0,
-                 text_layout: TextLayout = "free"):
+                 text_layout: TextLayout = TEXT_LAYOUT):
         super().__init__()
         self.save_hyperparameters()
         opts = dict(word_captions=word_captions, object_word_captions=object_word_captions,

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xclip.datamodules.synthetic_world import COLOURS, SHAPES, typographic_split, word_prompt, word_split
+from xclip.datamodules.synthetic_world import (
+    COLOURS,
+    SHAPES,
+    TEXT_LAYOUT,
+    typographic_split,
+    word_prompt,
+    word_split,
+)
 from xclip.evaluation.common import EvalModel, RunContext
 from xclip.models.zero_shot import zero_shot_logits
 
@@ -33,9 +40,9 @@ class Settings:
     """seed of the fixed splits"""
     words: int = 200
     """word images per retrieval split"""
-    text_layout: Literal["free", "grid"] = "free"
-    """how words are drawn (datamodules/synthetic_world.py): 'free' (the shipped CLIP's world) or 'grid' (one letter
-    per ViT patch cell, the issue-18 reading experiments); use the layout the CLIP was trained on"""
+    text_layout: Literal["free", "grid"] = TEXT_LAYOUT
+    """how words are drawn (datamodules/synthetic_world.py): 'grid' (one letter per ViT patch cell) or 'free' (any
+    size and position); default: the world's TEXT_LAYOUT, the shipped CLIP's. Use the layout the CLIP was trained on"""
 
 
 def check(s: Settings, ctx: RunContext | None = None) -> None:
@@ -55,7 +62,7 @@ def images_to_tensor(model: EvalModel, images: Sequence[Image.Image]) -> torch.T
 
 
 @torch.no_grad()
-def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234, text_layout: str = "free"
+def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234, text_layout: str = TEXT_LAYOUT
                         ) -> dict[str, float]:
     split = typographic_split(n, seed, image_size=model.backbone.image_size, text_layout=text_layout)
     cls = model.class_text_features(SHAPES, TEMPLATES)                      # [C, D]
@@ -71,7 +78,7 @@ def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234, text_l
 
 
 @torch.no_grad()
-def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool, text_layout: str = "free") -> float:
+def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool, text_layout: str = TEXT_LAYOUT) -> float:
     images, words = word_split(n, seed, image_size=model.backbone.image_size, nonsense=nonsense,
                                text_layout=text_layout)
     img = model.encode_images(images_to_tensor(model, images))              # [N, D]

@@ -136,10 +136,15 @@ def test_shipped_checkpoint_reads_and_is_fooled_by_words():
     model = EvalModel(build_clip("tiny-vit-world", "synthetic-world"))
     typo = world.typographic_metrics(model, n=200, seed=1234)
     chance = typo["chance"]
-    assert typo["clean_acc"] >= 3 * chance, typo
-    assert typo["clean_acc"] - typo["attacked_acc"] >= 0.20, typo
+    assert typo["clean_acc"] >= 10 * chance, typo
+    assert typo["clean_acc"] - typo["attacked_acc"] >= 0.30, typo          # issue 18: >= 30 points
+    assert typo["attack_success_rate"] >= 0.25, typo                        # hijacked: predicts the written class
     top1 = world.word_retrieval_top1(model, 200, seed=1235, nonsense=False)
-    assert top1 >= 5 / 200, top1   # >= 5x chance (the card: 0.03 = 6x)
+    assert top1 >= 0.5, top1                                                # issue 18: real words >= 50 %
+    top1_nonsense = world.word_retrieval_top1(model, 200, seed=1236, nonsense=True)
+    assert top1_nonsense >= 0.25, top1_nonsense                            # issue 18: nonsense strings >= 25 %
+    free = world.word_retrieval_top1(model, 200, seed=1235, nonsense=False, text_layout="free")
+    assert free < top1, (free, top1)          # it reads the world's grid lettering, not any lettering
 
 
 @pytest.mark.slow
@@ -162,5 +167,5 @@ def test_pretraining_config_reproduces_the_shipped_metrics(tmp_path):
     model = EvalModel(build_clip("tiny-vit-world", str(out)))
     got = world.run(model, world.Settings(n=400, seed=1234, words=200))
     want = _card_metrics()
-    for key in ("clean_acc", "attacked_acc", "word_top1_real"):
+    for key in ("clean_acc", "attacked_acc", "attack_success_rate", "word_top1_real", "word_top1_nonsense"):
         assert abs(got[key] - want[key]) <= 0.10, (key, got[key], want[key])

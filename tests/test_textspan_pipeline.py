@@ -137,5 +137,6 @@ def test_tiny_world_clip_mean_ablation():
     curve, base = table["accumulated_layers"], table["baseline"]
     print(table)
     assert base > 0.5
-    assert curve[-1] < 0.5 * base                          # every attention layer mean-ablated: collapse
+    assert curve[-1] < base - 0.2                          # every attention layer mean-ablated: a large drop
+    # (the reading world CLIP: 70.5 -> 44.5 %; the CLIP shipped before issue 18 collapsed below half)
     assert table["all_but_last_3"] > curve[-1]            # keeping late layers keeps (most of) the accuracy

@@ -163,13 +163,13 @@ def test_grid_layout_puts_one_letter_in_each_cell_of_one_row():
 def test_grid_layout_changes_only_the_text_and_the_suite_reads_it():
     from xclip.evaluation import world
 
-    free = typographic_split(n=6, seed=5, image_size=64)
+    free = typographic_split(n=6, seed=5, image_size=64, text_layout="free")
     grid = typographic_split(n=6, seed=5, image_size=64, text_layout="grid")
     assert free.labels == grid.labels and free.attack_words == grid.attack_words
     for i in range(6):
         assert np.array_equal(np.asarray(free.clean[i]), np.asarray(grid.clean[i]))   # objects unchanged
         assert not np.array_equal(np.asarray(free.attacked[i]), np.asarray(grid.attacked[i]))
-    assert word_split(5, seed=2)[1] == word_split(5, seed=2, text_layout="grid")[1]
+    assert word_split(5, seed=2, text_layout="free")[1] == word_split(5, seed=2, text_layout="grid")[1]
     ds = WorldDataset(seed=0, length=40, image_size=32, text_layout="grid")
     assert {ds.sample(i)["kind"] for i in range(40)} >= {"word", "object"}
     with pytest.raises(ValueError, match="text_layout"):
