@@ -195,7 +195,7 @@ class SyntheticWorldSource:
         words (``synthetic_world.TEXT_LAYOUT``), so x_t and x_it show the same kind of lettering."""
         sw = self._sw
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
-        if sw.TEXT_LAYOUT == "grid" and len(word) <= sw.GRID_COLUMNS:
+        if sw.uses_grid(word, sw.TEXT_LAYOUT):
             return sw.draw_grid_word(canvas, word, rng, fill=(0, 0, 0))
         return draw_word(canvas, word, TextStyle(font=rng.choice(resolve_fonts()), size=max(6, size * 5 // 16)),
                          rng)[0]

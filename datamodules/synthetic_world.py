@@ -26,7 +26,14 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from xclip.datamodules.text_render import TextStyle, draw_word, load_word_list, nonsense_word, resolve_fonts
+from xclip.datamodules.text_render import (
+    TextStyle,
+    draw_word,
+    load_font,
+    load_word_list,
+    nonsense_word,
+    resolve_fonts,
+)
 
 # 20 object classes; every name is one lower-case English word and a single CLIP BPE token.
 SHAPES: tuple[str, ...] = (
@@ -231,11 +238,12 @@ def _draw_word_fitting(image: Image.Image, word: str, style: TextStyle, rng: ran
     raise AssertionError("unreachable")
 
 
-@lru_cache(maxsize=None)
-def _grid_font(path: str, size: int):
-    from PIL import ImageFont
-
-    return ImageFont.truetype(path, size)
+def uses_grid(word: str, text_layout: TextLayout) -> bool:
+    """Whether ``word`` is drawn in the grid layout: ``text_layout`` is "grid" and the word fits one row of cells
+    (longer words fall back to the free layout). Unknown layouts raise ValueError."""
+    if text_layout not in ("grid", "free"):
+        raise ValueError(f"text_layout must be 'grid' or 'free' (got {text_layout!r}).")
+    return text_layout == "grid" and len(word) <= GRID_COLUMNS
 
 
 def draw_grid_word(image: Image.Image, word: str, rng: random.Random, fill: tuple[int, int, int],
@@ -251,7 +259,7 @@ def draw_grid_word(image: Image.Image, word: str, rng: random.Random, fill: tupl
         raise ValueError(f"Word {word!r} has {n} letters; the grid layout holds 1..{GRID_COLUMNS}.")
     lo, hi = rows if rows is not None else (0, GRID_COLUMNS - 1)
     c0, r0 = rng.randint(0, GRID_COLUMNS - n), rng.randint(lo, hi)
-    f = _grid_font(font or rng.choice(_fonts()), max(6, int(round(cell * 1.25))))
+    f = load_font(font or rng.choice(_fonts()), max(6, int(round(cell * 1.25))))
     d = ImageDraw.Draw(image)
     if white_box:
         d.rectangle([c0 * cell, r0 * cell, (c0 + n) * cell - 1, (r0 + 1) * cell - 1], fill=(255, 255, 255))
@@ -282,7 +290,7 @@ def render_object(shape: str, colour: str, rng: random.Random, image_size: int =
     image.paste(Image.new("RGB", image.size, rgb), (0, 0), mask)
     bbox = mask.getbbox() or (x0, y0, x0 + w, y0 + h)
     text_rng = random.Random(rng.getrandbits(32))  # drawn even without a word, so rng ends in the same state
-    if word and text_layout == "grid" and len(word) <= GRID_COLUMNS:
+    if word and uses_grid(word, text_layout):
         style = _word_style(text_rng, rgb, size=8)
         cell = image_size / GRID_COLUMNS
         mid = (bbox[1] + bbox[3]) / 2 // cell                 # a row through the middle of the object
@@ -309,7 +317,7 @@ def render_word(word: str, rng: random.Random, image_size: int = 64, size_range:
     image = render_background(rng, image_size)
     fill = (rng.randint(0, 90), rng.randint(0, 90), rng.randint(0, 90))
     fonts = _fonts()[:n_fonts] if n_fonts > 0 else _fonts()
-    if text_layout == "grid" and len(word) <= GRID_COLUMNS:
+    if uses_grid(word, text_layout):
         font = rng.choice(fonts)
         return (draw_grid_word(image, word, rng, fill, white_box=rng.random() < 0.15, font=font),
                 (0, 0, image_size, image_size))
@@ -395,8 +403,7 @@ class WorldDataset(Dataset):
                              f"(got {word_only_share}), n_fonts >= 0 (got {n_fonts}).")
         self.word_captions, self.object_word_captions = word_captions, object_word_captions
         self.word_only_share, self.word_size, self.n_fonts = float(word_only_share), tuple(word_size), int(n_fonts)
-        if text_layout not in ("grid", "free"):
-            raise ValueError(f"text_layout must be 'grid' or 'free' (got {text_layout!r}).")
+        uses_grid("", text_layout)   # refuses an unknown layout here, not at the first item
         self.text_layout: TextLayout = text_layout
         self.vocab = world_vocabulary()
 

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from xclip.datamodules.synthetic_world import (
     COLOURS,
     SHAPES,
     TEXT_LAYOUT,
+    TextLayout,
     typographic_split,
     word_prompt,
     word_split,
@@ -40,7 +41,7 @@ class Settings:
     """seed of the fixed splits"""
     words: int = 200
     """word images per retrieval split"""
-    text_layout: Literal["free", "grid"] = TEXT_LAYOUT
+    text_layout: TextLayout = TEXT_LAYOUT
     """how words are drawn (datamodules/synthetic_world.py): 'grid' (one letter per ViT patch cell) or 'free' (any
     size and position); default: the world's TEXT_LAYOUT, the shipped CLIP's. Use the layout the CLIP was trained on"""
 
@@ -62,7 +63,7 @@ def images_to_tensor(model: EvalModel, images: Sequence[Image.Image]) -> torch.T
 
 
 @torch.no_grad()
-def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234, text_layout: str = TEXT_LAYOUT
+def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234, text_layout: TextLayout = TEXT_LAYOUT
                         ) -> dict[str, float]:
     split = typographic_split(n, seed, image_size=model.backbone.image_size, text_layout=text_layout)
     cls = model.class_text_features(SHAPES, TEMPLATES)                      # [C, D]
@@ -78,7 +79,7 @@ def typographic_metrics(model: EvalModel, n: int = 400, seed: int = 1234, text_l
 
 
 @torch.no_grad()
-def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool, text_layout: str = TEXT_LAYOUT) -> float:
+def word_retrieval_top1(model: EvalModel, n: int, seed: int, nonsense: bool, text_layout: TextLayout = TEXT_LAYOUT) -> float:
     images, words = word_split(n, seed, image_size=model.backbone.image_size, nonsense=nonsense,
                                text_layout=text_layout)
     img = model.encode_images(images_to_tensor(model, images))              # [N, D]
