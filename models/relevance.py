@@ -370,14 +370,8 @@ class _FirstOrderGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, quick: bool) -> torch.Tensor:
-        if quick:  # x * sigmoid(1.702 x)
-            sig = torch.sigmoid(1.702 * x)
-            y = x * sig
-            ctx.save_for_backward(sig + 1.702 * y * (1 - sig))
-        else:  # x * Phi(x);  d/dx = Phi(x) + x * phi(x)
-            y = F.gelu(x)
-            ctx.save_for_backward(0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
-                                  + x * torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))
+        y, slope = _gelu_and_slope(x, quick)  # x * sigmoid(1.702 x) | x * Phi(x), d/dx = Phi(x) + x * phi(x)
+        ctx.save_for_backward(slope)
         return y
 
     @staticmethod
@@ -501,6 +495,212 @@ def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.
     return y if mha.batch_first else y.transpose(0, 1)
 
 
+# ================================================================================================ frozen backward
+# The frozen, first-order case with several backward passes over a tower (the image maps of B images x C > 1 texts
+# when nothing upstream of the tower needs grad and create_graph=False: every visualisation) does not go through
+# autograd: the blocks from the start layer up record, in a forward run without a graph, what their input-gradient
+# needs (ln inputs normalised + 1/std, q k v, the probabilities, dGELU/du), the pooled output row becomes the
+# graph's leaf (autograd runs only the head: ln_post, proj, normalise, score), and ``_frozen_rollout`` runs the
+# backward of the block stack by hand for a group of passes, fused with the rollout (which runs in backward order).
+# Weights are frozen, so each linear layer costs one GEMM (no weight gradient); the LayerNorm gamma is folded into
+# the weight of the GEMM that feeds it and that weight is centred over the normalised dimension, so the GEMM yields
+# ``g - mean(g)`` and the LayerNorm backward is ``rstd * (gc - xhat * mean(gc * xhat))``; softmax backward is
+# ``P - A * sum(P)`` with ``P = dy/dA * A``, which the rollout reuses (``Abar = mean_h clamp(P, 0)``).  Exact: the
+# same gradients as autograd to float rounding (tests: ``test_frozen_backward_*``).
+@dataclass
+class _Saved:
+    """What a captured block's frozen forward keeps for the hand-written backward (n_q = N, or 1 when pooled)."""
+
+    xhat1: torch.Tensor  # [B, N, W] ln_1 input, normalised
+    rstd1: torch.Tensor  # [B, N, 1]
+    q: torch.Tensor  # [B, H, n_q, d] queries times 1/sqrt(d)
+    k: torch.Tensor  # [B, H, N, d]
+    v: torch.Tensor  # [B, H, N, d]
+    probs: torch.Tensor  # [B, H, n_q, N]
+    xhat2: torch.Tensor  # [B, n_q, W] ln_2 input, normalised
+    rstd2: torch.Tensor  # [B, n_q, 1]
+    slope: torch.Tensor  # [B, n_q, 4W] dGELU/du at the MLP's hidden pre-activation
+    w_proj: torch.Tensor  # [W, 4W]  mlp.c_proj.weight (d hidden = d out @ w_proj)
+    w_fc: torch.Tensor  # [4W, W]  mlp.c_fc.weight * ln_2.gamma, centred over W
+    w_out: torch.Tensor  # [W, W]   attn.out_proj.weight
+    w_qkv: torch.Tensor  # [3W, W]  attn.in_proj_weight * ln_1.gamma, centred over W
+    rows: torch.Tensor | None  # [B] pooled query rows, None when every row is computed
+
+
+@dataclass
+class _Recorder:
+    """Records of the blocks >= start layer (in block order) and the pooled output row, the leaf [B, W]."""
+
+    saved: list[_Saved] = field(default_factory=list)
+    leaf: torch.Tensor | None = None
+
+
+def _gelu_and_slope(u: torch.Tensor, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(u), dGELU/du): exact erf GELU, or open_clip's QuickGELU u * sigmoid(1.702 u)."""
+    if quick:
+        sig = torch.sigmoid(1.702 * u)
+        y = u * sig
+        return y, sig + 1.702 * y * (1 - sig)
+    return F.gelu(u), (0.5 * (1 + torch.erf(u * (1 / math.sqrt(2))))
+                       + u * torch.exp(-0.5 * u * u) * (1 / math.sqrt(2 * math.pi)))
+
+
+def _frozen_block_ok(block: nn.Module) -> bool:
+    """The block is one whose input-gradient ``_frozen_rollout`` writes out (else: autograd)."""
+    from open_clip.transformer import LayerNorm, LayerNormFp32, QuickGELU
+
+    mha, mlp = block.attn, block.mlp
+    lns = (block.ln_1, block.ln_2)
+    act = getattr(mlp, "gelu", None)
+    W = mha.embed_dim
+    dtype = mha.in_proj_weight.dtype
+    return (mha.batch_first and not (mha.training and mha.dropout > 0) and mha.in_proj_bias is not None
+            and dtype in (torch.float32, torch.float64)
+            and type(block.ls_1) is nn.Identity and type(block.ls_2) is nn.Identity
+            and all(type(ln) in (nn.LayerNorm, LayerNorm, LayerNormFp32) and tuple(ln.normalized_shape) == (W,)
+                    for ln in lns)
+            and isinstance(mlp, nn.Sequential) and len(mlp) == 3 and type(mlp.c_fc) is nn.Linear
+            and type(mlp.c_proj) is nn.Linear
+            and (type(act) is QuickGELU or (type(act) is nn.GELU and act.approximate == "none")))
+
+
+_FROZEN_ROWS = 1024  # token rows (passes x sequences x tokens) per hand-written backward group
+
+
+def _frozen_tower_ok(model: nn.Module, tower: str, start_layer: int) -> bool:
+    """Every block from the start layer up is one ``_frozen_rollout`` handles."""
+    blocks = list(_tower_transformer(model, tower).resblocks)
+    s0 = _resolve_start(start_layer, len(blocks), tower)
+    from open_clip.transformer import ResidualAttentionBlock
+
+    return all(type(b) is ResidualAttentionBlock and _frozen_block_ok(b) for b in blocks[s0:])
+
+
+def _frozen_weights(block: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(w_proj, w_fc, w_out, w_qkv) of ``_Saved`` (gamma folded in, centred), computed without a graph."""
+    W = block.attn.embed_dim
+
+    def fold(weight: torch.Tensor, ln: nn.Module) -> torch.Tensor:
+        wg = weight * ln.weight if ln.weight is not None else weight.clone()  # [out, W] * [W]
+        return wg - wg.mean(dim=1, keepdim=True)
+
+    with torch.no_grad():
+        mha, mlp = block.attn, block.mlp
+        return (mlp.c_proj.weight.contiguous(), fold(mlp.c_fc.weight, block.ln_2),
+                mha.out_proj.weight.contiguous(), fold(mha.in_proj_weight, block.ln_1).reshape(3 * W, W))
+
+
+def _normalise_saving(ln: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ln(x) as the stock LayerNorm, plus xhat = (x - mean) * rstd and rstd [..., 1]."""
+    y, mean, rstd = torch.native_layer_norm(x, tuple(ln.normalized_shape), ln.weight, ln.bias, ln.eps)
+    return y, (x - mean) * rstd, rstd
+
+
+def _recording_block(block: nn.Module, rec: _Recorder, x: torch.Tensor, rows: torch.Tensor | int | None,
+                     attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Block forward without a graph that appends its ``_Saved``. x: [B, N, W] -> [B, N, W]; with ``rows`` (the
+    last block, pooled) every output row is the pooled row's value and that row [B, W] becomes ``rec.leaf``."""
+    from open_clip.transformer import QuickGELU
+
+    mha: nn.MultiheadAttention = block.attn
+    B, N, W = x.shape
+    H = mha.num_heads
+    d = W // H
+    with torch.no_grad():
+        h, xhat1, rstd1 = _normalise_saving(block.ln_1, x)  # [B, N, W]
+        wq, bq = mha.in_proj_weight, mha.in_proj_bias
+        idx = torch.arange(B, device=x.device)
+        if rows is None:
+            q, k, v = _linear(h, wq, bq).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # [B, H, N, d] each
+            xq = x
+        else:
+            rows = torch.as_tensor(rows, device=x.device).long().expand(B) if not torch.is_tensor(rows) \
+                or rows.dim() == 0 else rows.to(x.device).long()
+            q = _linear(h[idx, rows], wq[:W], bq[:W]).reshape(B, H, 1, d)
+            k, v = _linear(h, wq[W:], bq[W:]).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)  # [B, H, N, d] each
+            xq = x[idx, rows].unsqueeze(1)  # [B, 1, W]
+        q = q * (1.0 / math.sqrt(d))  # [B, H, n_q, d]
+        k, v = k.contiguous(), v.contiguous()
+        scores = q @ k.transpose(-2, -1)  # [B, H, n_q, N]
+        if attn_mask is not None:
+            mask = attn_mask.reshape(B, H, N, N) if attn_mask.dim() == 3 else attn_mask  # [B, H, N, N] | [N, N]
+            if rows is not None:
+                mask = mask[idx, :, rows].unsqueeze(2) if mask.dim() == 4 else mask[rows].reshape(B, 1, 1, N)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
+                else scores + mask.to(scores.dtype)
+        probs = scores.softmax(dim=-1)  # [B, H, n_q, N]
+        n_q = probs.shape[2]
+        out = _linear((probs @ v).transpose(1, 2).reshape(B, n_q, W), mha.out_proj.weight, mha.out_proj.bias)
+        x1 = xq + out  # [B, n_q, W]
+        h2, xhat2, rstd2 = _normalise_saving(block.ln_2, x1)
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj
+        hidden, slope = _gelu_and_slope(_linear(h2, fc.weight, fc.bias), type(block.mlp.gelu) is QuickGELU)
+        y = x1 + _linear(hidden, proj.weight, proj.bias)  # [B, n_q, W]
+    rec.saved.append(_Saved(xhat1, rstd1, q, k, v, probs, xhat2, rstd2, slope, *_frozen_weights(block),
+                            None if rows is None else rows))
+    if rows is None:
+        return y
+    rec.leaf = y[:, 0].requires_grad_(True)  # [B, W]
+    return rec.leaf.unsqueeze(1).expand(B, N, W)
+
+
+def _ln_input_grad(gc: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """LayerNorm input-gradient from gc = (dy * gamma) - mean(dy * gamma) (the centred weight's GEMM output)."""
+    s = (gc * xhat).mean(dim=-1, keepdim=True)  # [..., 1]
+    return torch.addcmul(gc, xhat, s, value=-1).mul_(rstd)
+
+
+def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: list | None = None) -> torch.Tensor:
+    """Explained rows of R for k backward passes through the recorded blocks, by hand (see above).
+
+    saved: the blocks from the start layer up (the last one pooled); g_top: [k, B, W] dy_j / d(pooled output row).
+    Returns [k, B, N] (fp32; fp64 for fp64 models), equal to ``_rollout_batched`` on autograd's dy/dA.
+    grads_out: when a list, dy/dA of every block is appended to it, last block first ([k, B, H, n_q, N]; tests).
+    """
+    k, B, W = g_top.shape
+    last = saved[-1]
+    N = last.probs.shape[-1]
+    H = last.probs.shape[1]
+    d = W // H
+    dtype = torch.promote_types(last.probs.dtype, torch.float32)
+    r = F.one_hot(last.rows, N).to(dtype).unsqueeze(0).expand(k, B, N)  # [k, B, N]
+    dout = g_top.unsqueeze(2)  # [k, B, n_q, W] gradient at the block's output rows
+    for i in range(len(saved) - 1, -1, -1):
+        sv = saved[i]
+        n_q = sv.probs.shape[2]
+        # MLP and ln_2: dx1 = dout + ln_2 backward of (dGELU * (dout @ w_proj)) @ w_fc
+        du = (dout.reshape(-1, W) @ sv.w_proj).view(k, B, n_q, -1).mul_(sv.slope)  # [k, B, n_q, 4W]
+        gc = (du.view(-1, du.shape[-1]) @ sv.w_fc).view(k, B, n_q, W)
+        dx1 = _ln_input_grad(gc, sv.xhat2, sv.rstd2).add_(dout)  # [k, B, n_q, W]
+        # attention: G = dy/dA = d(out) @ v^T
+        do = (dx1.reshape(-1, W) @ sv.w_out).view(k, B, n_q, H, d).transpose(2, 3)  # [k, B, H, n_q, d]
+        p = do @ sv.v.transpose(-2, -1)  # [k, B, H, n_q, N]  G = dy/dA
+        if grads_out is not None:
+            grads_out.append(p.clone())
+        p.mul_(sv.probs)  # P = G * A
+        abar = p.clamp(min=0).mean(dim=2).to(dtype)  # [k, B, n_q, N]
+        r = r + (abar[:, :, 0] if sv.rows is not None else (r.unsqueeze(-2) @ abar).squeeze(-2))
+        if i == 0:
+            break
+        # softmax, q k v and ln_1: dx = dx1 (residual, on the query rows) + ln_1 backward of dqkv @ w_qkv
+        ds = torch.addcmul(p, sv.probs, p.sum(dim=-1, keepdim=True), value=-1)  # [k, B, H, n_q, N]
+        dqkv = torch.empty(k, B, N, 3, H, d, dtype=du.dtype, device=du.device)
+        dqkv[:, :, :, 1].copy_((ds.transpose(-2, -1) @ sv.q).transpose(2, 3))  # dk [k, B, N, H, d]
+        dqkv[:, :, :, 2].copy_((sv.probs.transpose(-2, -1) @ do).transpose(2, 3))  # dv
+        dq = (ds @ sv.k).mul_(1.0 / math.sqrt(d)).transpose(2, 3)  # [k, B, n_q, H, d]
+        if sv.rows is None:
+            dqkv[:, :, :, 0].copy_(dq)
+            gc = (dqkv.view(-1, 3 * W) @ sv.w_qkv).view(k, B, N, W)
+            dout = _ln_input_grad(gc, sv.xhat1, sv.rstd1).add_(dx1)  # [k, B, N, W]
+        else:
+            idx = torch.arange(B, device=du.device)
+            gc = (dqkv[:, :, :, 1:].reshape(-1, 2 * W) @ sv.w_qkv[W:]).view(k, B, N, W)
+            gc[:, idx, sv.rows] += dq.reshape(k, B, W) @ sv.w_qkv[:W]
+            dout = _ln_input_grad(gc, sv.xhat1, sv.rstd1)  # [k, B, N, W]
+            dout[:, idx, sv.rows] += dx1[:, :, 0]
+    return r
+
+
 def _is_patchify(conv: nn.Module) -> bool:
     """A Conv2d that cuts the image into non-overlapping patches (ViT patch embedding)."""
     return (type(conv) is nn.Conv2d and conv.groups == 1 and tuple(conv.stride) == tuple(conv.kernel_size)
@@ -532,11 +732,16 @@ def _text_source_requires_grad(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def _relevance_tower(model: nn.Module, tower: str, start_layer: int, *, depth_limit: bool,
-                     pooled_rows: torch.Tensor | int | None, first_order: bool = False) -> Iterator[AttentionStore]:
+                     pooled_rows: torch.Tensor | int | None, first_order: bool = False,
+                     recorder: _Recorder | None = None) -> Iterator[AttentionStore]:
     """Run ``tower`` with the block modes above; the store keeps the probabilities of the blocks >= start_layer.
 
     first_order: the graph is differentiated once only (create_graph=False): activations use a first-order backward.
+    recorder: the frozen hand-written backward (needs depth_limit and pooled_rows): the blocks >= start_layer run
+    ``_recording_block`` instead (no probabilities in the store; the records and the leaf go to the recorder).
     """
+    if recorder is not None and (not depth_limit or pooled_rows is None):
+        raise RelevanceError("The frozen backward needs a depth-limited tower read at its pooled row.")
     trunk = _tower_transformer(model, tower)
     if getattr(trunk, "grad_checkpointing", False):
         raise RelevanceError(f"Gradient checkpointing is enabled on the {tower} tower; disable it "
@@ -568,6 +773,9 @@ def _relevance_tower(model: nn.Module, tower: str, start_layer: int, *, depth_li
                         return _block_tail(self, q_x, _engine_attention(self, None, self.ln_1(q_x), attn_mask, True))
                 if _leaf:  # below: nothing needs grad; the probabilities of this block are the graph's leaves
                     q_x = q_x.detach()
+                if recorder is not None:  # frozen, hand-written backward: no graph in the blocks at all
+                    return _recording_block(self, recorder, q_x.detach(), pooled_rows if _mode == "pooled" else None,
+                                            attn_mask)
                 if _mode == "pooled":
                     return _pooled_block(self, store, tower, q_x, pooled_rows, attn_mask, first_order, _leaf)
                 keep = store.probs[tower] if _mode == "capture" else None
@@ -687,10 +895,13 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
     with torch.enable_grad():
         # ---------------------------------------------------------------- image side
         probs_v: list[torch.Tensor] = []
+        rec_v = None
         if want_v:
             src_v = images.requires_grad or _requires_grad(model.visual)
+            if not src_v and not create_graph and n_texts > 1 and _frozen_tower_ok(model, "visual", start_layer_image):
+                rec_v = _Recorder()  # several passes over a frozen tower: the hand-written backward
             with _relevance_tower(model, "visual", start_layer_image, depth_limit=not src_v, pooled_rows=0,
-                                  first_order=not create_graph and n_texts > 1) as sv:
+                                  first_order=not create_graph and n_texts > 1, recorder=rec_v) as sv:
                 img = F.normalize(model.encode_image(images), dim=-1)  # [B, D]
             probs_v = sv["visual"]
         elif image_features is not None:
@@ -763,7 +974,7 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                 if not p.requires_grad:
                     raise RelevanceError("Attention probabilities do not require grad: call the relevance functions "
                                          "with gradients enabled (not under torch.no_grad / inference_mode).")
-            if want_t and want_v and B == 1 and c == 1:  # one pair: one backward for both maps
+            if want_t and want_v and B == 1 and c == 1 and rec_v is None:  # one pair: one backward for both maps
                 g = torch.autograd.grad(sims.sum(), probs_t + probs_v, retain_graph=True, create_graph=create_graph)
                 g = [x.unsqueeze(0) for x in g]
                 nt = len(probs_t)
@@ -781,7 +992,12 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                     masks = torch.eye(c, dtype=sims.dtype, device=sims.device)[:, None, :].expand(c, B, c)  # col c
                     zeros = torch.zeros(B, dtype=torch.long, device=img.device)
                     cols = []
-                    for a, z in _sub_batches(c, B, probs_v[0].shape[-1], budget):
+                    if rec_v is not None:  # autograd for the head only, then the block stack by hand
+                        N_v = rec_v.saved[-1].probs.shape[-1]
+                        for a, z in _sub_batches(c, B, N_v, _FROZEN_ROWS):
+                            g = _pass_grads(sims, [rec_v.leaf], masks[a:z], False)[0]  # [k, B, W]
+                            cols.append(_frozen_rollout(rec_v.saved, g)[:, :, 1:])  # [k, B, N]
+                    for a, z in _sub_batches(c, B, probs_v[0].shape[-1], budget) if rec_v is None else ():
                         g = _pass_grads(sims, probs_v, masks[a:z], create_graph)
                         cols.append(_rollout_batched(probs_v, g, zeros, True)[:, :, 1:])  # [k, B, N]
                     rel_v.append(torch.cat(cols, dim=0).transpose(0, 1))  # [B, c, N]

@@ -1,6 +1,8 @@
 """Relevance engine: capture parity, batched == per-pair reference, gradients, embeddings entry, words, errors."""
 from __future__ import annotations
 
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -172,7 +174,13 @@ def test_depth_limited_backward_keeps_only_needed_layers(tiny, inputs, monkeypat
         seen.append([tuple(p.shape) for p in probs])
         return real(probs, grads, rows, pooled_last)
 
+    def spy_frozen(saved, top, grads_out=None):  # the image maps of several texts: the hand-written backward
+        seen.append([tuple(s.probs.shape) for s in saved])
+        return real_frozen(saved, top, grads_out)
+
+    real_frozen = rel_mod._frozen_rollout
     monkeypatch.setattr(rel_mod, "_rollout_batched", spy)
+    monkeypatch.setattr(rel_mod, "_frozen_rollout", spy_frozen)
     graph_below = []
     hook = tiny.model.visual.transformer.resblocks[0].register_forward_hook(
         lambda mod, args, out: graph_below.append(out.requires_grad))
@@ -546,3 +554,99 @@ def test_first_order_gelu_equals_stock_activation(quick):
         g = torch.autograd.grad(y.sum(), x, create_graph=True)[0]
         torch.autograd.grad(g.sum(), x)
     assert "FirstOrderGelu" not in type(_activation(act, x, first_order=False).grad_fn).__name__
+
+
+# ------------------------------------------------------------------------------------------ frozen backward
+def _deep_clip(dtype: torch.dtype, quick: bool) -> torch.nn.Module:
+    """A random open_clip CLIP deeper than tiny-vit-test (4 image / 3 text blocks, so the middle blocks' full
+    backward runs), with LayerNorm gammas / betas and biases away from their init and sharper attention, frozen."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(3)
+    model = CLIP(32, CLIPVisionCfg(layers=4, width=64, head_width=16, patch_size=8, image_size=32),
+                 CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=3), quick_gelu=quick)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+            if isinstance(mod, torch.nn.MultiheadAttention):
+                mod.in_proj_weight.mul_(3)
+                mod.in_proj_bias.normal_(0, 0.1)
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0, 0.1)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def _tower_pass_grads(model, tower: str, start: int, recorder, dtype):
+    """(features, per-pass explained rows, per-layer dy/dA) of 3 random cotangents on 3 x 4 scores of ``tower``."""
+    from xclip.models.relevance import _frozen_rollout, _pass_grads, _relevance_tower, _rollout_batched
+
+    g = torch.Generator().manual_seed(5)
+    if tower == "visual":
+        x, rows = torch.randn(3, 3, 32, 32, generator=g, dtype=dtype), torch.zeros(3, dtype=torch.long)
+    else:
+        rows = torch.tensor([5, 9, 2])
+        x = model.token_embedding(torch.randint(1, 99, (3, 10), generator=g))  # [3, 10, W]
+    targets = torch.randn(4, 32, generator=g, dtype=dtype)
+    masks = torch.randn(3, 3, 4, generator=g, dtype=dtype)  # general cotangents, not one-hot columns
+    with torch.enable_grad():
+        with _relevance_tower(model, tower, start, depth_limit=True, pooled_rows=rows, first_order=True,
+                              recorder=recorder) as store:
+            feats = model.encode_image(x) if tower == "visual" else encode_text_from_embeddings(model, x, rows)
+        sims = F.normalize(feats, dim=-1) @ targets.T  # [3, 4]
+        if recorder is None:
+            grads = _pass_grads(sims, store[tower], masks, False)  # per layer [k, B, H, n_q, N]
+            return feats, _rollout_batched(store[tower], grads, rows, True), grads
+        top = _pass_grads(sims, [recorder.leaf], masks, False)[0]  # [k, B, W]
+        grads: list = []
+        rel = _frozen_rollout(recorder.saved, top, grads_out=grads)
+        return feats, rel, grads[::-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("quick", [False, True])
+@pytest.mark.parametrize("tower,start", [("visual", 0), ("visual", 2), ("visual", -1), ("text", 0), ("text", 1)])
+def test_frozen_backward_equals_autograd_per_layer(tower, start, quick, dtype):
+    """The hand-written backward of the frozen block stack gives autograd's dy/dA at EVERY layer (so no term of
+    the MLP / LayerNorm / softmax / q k v backward can be missing) and the same explained rows; its recording
+    forward gives the same features.  Image tower (CLS row) and text tower (causal mask, EOT rows 5, 9, 2)."""
+    from xclip.models.relevance import _frozen_tower_ok, _Recorder
+
+    model = _deep_clip(dtype, quick)
+    assert _frozen_tower_ok(model, tower, start)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    f_ref, r_ref, g_ref = _tower_pass_grads(model, tower, start, None, dtype)
+    rec = _Recorder()
+    f_got, r_got, g_got = _tower_pass_grads(model, tower, start, rec, dtype)
+    n_layers = len((model.visual.transformer if tower == "visual" else model.transformer).resblocks)
+    assert len(g_got) == len(g_ref) == n_layers - (start % n_layers)
+    torch.testing.assert_close(f_got, f_ref, atol=tol, rtol=tol)
+    for layer, (a, b) in enumerate(zip(g_got, g_ref)):
+        assert a.shape == b.shape and b.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=tol * float(b.abs().max()), rtol=tol, msg=f"dy/dA of layer {layer}")
+    torch.testing.assert_close(r_got, r_ref, atol=tol, rtol=tol)
+
+
+def test_frozen_backward_is_used_only_where_it_applies(tiny, inputs, monkeypatch):
+    """relevance takes the hand-written image backward for frozen maps of several texts (and equals the plain
+    per-pair rule there, also in float64), and autograd for one text, create_graph=True and pixels with grad."""
+    import xclip.models.relevance as rel_mod
+
+    images, tokens = inputs
+    calls = []
+    real = rel_mod._frozen_rollout
+    monkeypatch.setattr(rel_mod, "_frozen_rollout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for start in (0, 1):
+        got = image_relevance(tiny, images, tokens, start_layer=start)
+        assert calls and not got.requires_grad
+        torch.testing.assert_close(got, reference_all(tiny, images, tokens, "visual", start), atol=1e-5, rtol=1e-5)
+    calls.clear()
+    image_relevance(tiny, images, tokens[:1], start_layer=0)
+    image_relevance(tiny, images, tokens, start_layer=0, create_graph=True)
+    image_relevance(tiny, images.clone().requires_grad_(True), tokens, start_layer=0)
+    assert not calls
+    model64 = copy.deepcopy(tiny).double()  # a copy: the fixture's model stays float32
+    got = image_relevance(model64, images.double(), tokens, start_layer=0)
+    assert calls and got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), reference_all(tiny, images, tokens, "visual", 0), atol=1e-5, rtol=1e-5)
