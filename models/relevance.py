@@ -512,14 +512,13 @@ class _Saved:
     """What a captured block's frozen forward keeps for the hand-written backward (n_q = N, or 1 when pooled)."""
 
     xhat1: torch.Tensor  # [B, N, W] ln_1 input, normalised
-    rstd1: torch.Tensor  # [B, N, 1]
+    rstd1: torch.Tensor  # [B, N, 1, 1] ln_1's 1 / std
     q: torch.Tensor  # [B, H, n_q, d] queries times 1/sqrt(d)
     k: torch.Tensor  # [B, H, N, d]
     v: torch.Tensor  # [B, H, N, d]
     probs: torch.Tensor  # [B, H, n_q, N]
     xhat2: torch.Tensor  # [B, n_q, W] ln_2 input, normalised
-    rstd2: torch.Tensor  # [B, n_q, 1]
-    slope: torch.Tensor  # [B, n_q, 4W] dGELU/du at the MLP's hidden pre-activation
+    slope: torch.Tensor  # [B, n_q, 1, 4W] dGELU/du at the MLP's hidden pre-activation times ln_2's 1 / std
     w_proj: torch.Tensor  # [W, 4W]  mlp.c_proj.weight (d hidden = d out @ w_proj)
     w_fc: torch.Tensor  # [4W, W]  mlp.c_fc.weight * ln_2.gamma, centred over W
     w_out: torch.Tensor  # [W, W]   attn.out_proj.weight
@@ -564,7 +563,7 @@ def _frozen_block_ok(block: nn.Module) -> bool:
             and (type(act) is QuickGELU or (type(act) is nn.GELU and act.approximate == "none")))
 
 
-_FROZEN_ROWS = 1024  # token rows (passes x sequences x tokens) per hand-written backward group
+_FROZEN_ROWS = 4096  # token rows (passes x sequences x tokens) per hand-written backward group
 
 
 def _frozen_tower_ok(model: nn.Module, tower: str, start_layer: int) -> bool:
@@ -636,18 +635,24 @@ def _recording_block(block: nn.Module, rec: _Recorder, x: torch.Tensor, rows: to
         fc, proj = block.mlp.c_fc, block.mlp.c_proj
         hidden, slope = _gelu_and_slope(_linear(h2, fc.weight, fc.bias), type(block.mlp.gelu) is QuickGELU)
         y = x1 + _linear(hidden, proj.weight, proj.bias)  # [B, n_q, W]
-    rec.saved.append(_Saved(xhat1, rstd1, q, k, v, probs, xhat2, rstd2, slope, *_frozen_weights(block),
-                            None if rows is None else rows))
+    rec.saved.append(_Saved(xhat1, rstd1.unsqueeze(-1), q, k, v, probs, xhat2, (slope * rstd2).unsqueeze(2),
+                            *_frozen_weights(block), None if rows is None else rows))
     if rows is None:
         return y
     rec.leaf = y[:, 0].requires_grad_(True)  # [B, W]
     return rec.leaf.unsqueeze(1).expand(B, N, W)
 
 
-def _ln_input_grad(gc: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """LayerNorm input-gradient from gc = (dy * gamma) - mean(dy * gamma) (the centred weight's GEMM output)."""
-    s = (gc * xhat).mean(dim=-1, keepdim=True)  # [..., 1]
-    return torch.addcmul(gc, xhat, s, value=-1).mul_(rstd)
+def _ln_input_grad(gc: torch.Tensor, xhat: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+    """LayerNorm input-gradient (+ res) from the centred-weight GEMM output, in place in gc.
+
+    gc: [B, n, k, W] = rstd * ((dy * gamma) - mean(dy * gamma)) (rstd folded in upstream); xhat: [B, n, W].
+    Returns gc - xhat * mean(gc * xhat) (+ res) = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ res).
+    """
+    B, n, k, W = gc.shape
+    s = torch.bmm(gc.view(B * n, k, W), xhat.view(B * n, W, 1)).view(B, n, k, 1).mul_(1.0 / W)
+    out = gc.addcmul_(xhat.unsqueeze(2), s, value=-1)
+    return out if res is None else out.add_(res)
 
 
 def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: list | None = None) -> torch.Tensor:
@@ -656,49 +661,54 @@ def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: lis
     saved: the blocks from the start layer up (the last one pooled); g_top: [k, B, W] dy_j / d(pooled output row).
     Returns [k, B, N] (fp32; fp64 for fp64 models), equal to ``_rollout_batched`` on autograd's dy/dA.
     grads_out: when a list, dy/dA of every block is appended to it, last block first ([k, B, H, n_q, N]; tests).
+    Layout: token rows (b, n, pass) for the GEMMs, [B, H, n, pass, .] for attention, so that every attention
+    product is one bmm over (b, h) with the passes folded into its rows or columns (no copies of q, k, v, A).
     """
     k, B, W = g_top.shape
     last = saved[-1]
-    N = last.probs.shape[-1]
-    H = last.probs.shape[1]
+    _, H, _, N = last.probs.shape
     d = W // H
     dtype = torch.promote_types(last.probs.dtype, torch.float32)
-    r = F.one_hot(last.rows, N).to(dtype).unsqueeze(0).expand(k, B, N)  # [k, B, N]
-    dout = g_top.unsqueeze(2)  # [k, B, n_q, W] gradient at the block's output rows
+    r = F.one_hot(last.rows, N).to(dtype).unsqueeze(1).expand(B, k, N)  # [B, k, N]
+    dout = g_top.transpose(0, 1).unsqueeze(1)  # [B, n_q, k, W] gradient at the block's output rows
     for i in range(len(saved) - 1, -1, -1):
         sv = saved[i]
         n_q = sv.probs.shape[2]
-        # MLP and ln_2: dx1 = dout + ln_2 backward of (dGELU * (dout @ w_proj)) @ w_fc
-        du = (dout.reshape(-1, W) @ sv.w_proj).view(k, B, n_q, -1).mul_(sv.slope)  # [k, B, n_q, 4W]
-        gc = (du.view(-1, du.shape[-1]) @ sv.w_fc).view(k, B, n_q, W)
-        dx1 = _ln_input_grad(gc, sv.xhat2, sv.rstd2).add_(dout)  # [k, B, n_q, W]
-        # attention: G = dy/dA = d(out) @ v^T
-        do = (dx1.reshape(-1, W) @ sv.w_out).view(k, B, n_q, H, d).transpose(2, 3)  # [k, B, H, n_q, d]
-        p = do @ sv.v.transpose(-2, -1)  # [k, B, H, n_q, N]  G = dy/dA
+        # MLP and ln_2: dx1 = dout + ln_2 backward of (dGELU * rstd2 * (dout @ w_proj)) @ w_fc
+        du = (dout.reshape(-1, W) @ sv.w_proj).view(B, n_q, k, -1).mul_(sv.slope)  # [B, n_q, k, 4W]
+        dx1 = _ln_input_grad((du.view(-1, du.shape[-1]) @ sv.w_fc).view(B, n_q, k, W), sv.xhat2, dout)
+        # attention, heads outside: G = dy/dA = d(out) @ v^T
+        do = (dx1.view(-1, W) @ sv.w_out).view(B, n_q, k, H, d).permute(0, 3, 1, 2, 4).contiguous()  # [B,H,n_q,k,d]
+        p = (do.view(B, H, n_q * k, d) @ sv.v.transpose(-2, -1)).view(B, H, n_q, k, N)  # G
         if grads_out is not None:
-            grads_out.append(p.clone())
-        p.mul_(sv.probs)  # P = G * A
-        abar = p.clamp(min=0).mean(dim=2).to(dtype)  # [k, B, n_q, N]
-        r = r + (abar[:, :, 0] if sv.rows is not None else (r.unsqueeze(-2) @ abar).squeeze(-2))
+            grads_out.append(p.permute(3, 0, 1, 2, 4).clone())
+        probs = sv.probs.unsqueeze(3)  # [B, H, n_q, 1, N]
+        p.mul_(probs)  # P = G * A
+        abar = p.clamp(min=0).mean(dim=1).to(dtype)  # [B, n_q, k, N]
+        r = r + (abar[:, 0] if sv.rows is not None else (r.transpose(1, 2).unsqueeze(-1) * abar).sum(dim=1))
         if i == 0:
             break
-        # softmax, q k v and ln_1: dx = dx1 (residual, on the query rows) + ln_1 backward of dqkv @ w_qkv
-        ds = torch.addcmul(p, sv.probs, p.sum(dim=-1, keepdim=True), value=-1)  # [k, B, H, n_q, N]
-        dqkv = torch.empty(k, B, N, 3, H, d, dtype=du.dtype, device=du.device)
-        dqkv[:, :, :, 1].copy_((ds.transpose(-2, -1) @ sv.q).transpose(2, 3))  # dk [k, B, N, H, d]
-        dqkv[:, :, :, 2].copy_((sv.probs.transpose(-2, -1) @ do).transpose(2, 3))  # dv
-        dq = (ds @ sv.k).mul_(1.0 / math.sqrt(d)).transpose(2, 3)  # [k, B, n_q, H, d]
+        # softmax, q k v (rstd1 folded in while the heads are laid back), ln_1: dx = dx1 (query rows) + ln_1 bwd
+        ds = torch.addcmul(p, probs, p.sum(dim=-1, keepdim=True), value=-1)  # [B, H, n_q, k, N]
+        slots = 3 if sv.rows is None else 2  # (q,) k, v
+        dqkv = torch.empty(B, N, k, slots, H, d, dtype=du.dtype, device=du.device)
+        rstd1 = sv.rstd1.unsqueeze(-1)  # [B, N, 1, 1, 1]
+        dk = (ds.view(B, H, n_q, k * N).transpose(-2, -1) @ sv.q).view(B, H, k, N, d)
+        torch.mul(dk.permute(0, 3, 2, 1, 4), rstd1, out=dqkv[:, :, :, slots - 2])
+        dv = (sv.probs.transpose(-2, -1) @ do.view(B, H, n_q, k * d)).view(B, H, N, k, d)
+        torch.mul(dv.permute(0, 2, 3, 1, 4), rstd1, out=dqkv[:, :, :, slots - 1])
+        dq = (ds.view(B, H, n_q * k, N) @ sv.k).view(B, H, n_q, k, d).permute(0, 2, 3, 1, 4)  # [B, n_q, k, H, d]
         if sv.rows is None:
-            dqkv[:, :, :, 0].copy_(dq)
-            gc = (dqkv.view(-1, 3 * W) @ sv.w_qkv).view(k, B, N, W)
-            dout = _ln_input_grad(gc, sv.xhat1, sv.rstd1).add_(dx1)  # [k, B, N, W]
+            torch.mul(dq, rstd1 * (1.0 / math.sqrt(d)), out=dqkv[:, :, :, 0])
+            gc = (dqkv.view(-1, 3 * W) @ sv.w_qkv).view(B, N, k, W)
+            dout = _ln_input_grad(gc, sv.xhat1, dx1)  # [B, N, k, W]
         else:
             idx = torch.arange(B, device=du.device)
-            gc = (dqkv[:, :, :, 1:].reshape(-1, 2 * W) @ sv.w_qkv[W:]).view(k, B, N, W)
-            gc[:, idx, sv.rows] += dq.reshape(k, B, W) @ sv.w_qkv[:W]
-            dout = _ln_input_grad(gc, sv.xhat1, sv.rstd1)  # [k, B, N, W]
-            dout[:, idx, sv.rows] += dx1[:, :, 0]
-    return r
+            gc = (dqkv.view(-1, 2 * W) @ sv.w_qkv[W:]).view(B, N, k, W)
+            gc[idx, sv.rows] += (dq.reshape(B, k, W) * (rstd1[idx, sv.rows, 0] * (1.0 / math.sqrt(d)))) @ sv.w_qkv[:W]
+            dout = _ln_input_grad(gc, sv.xhat1, None)  # [B, N, k, W]
+            dout[idx, sv.rows] += dx1[:, 0]
+    return r.transpose(0, 1)
 
 
 def _is_patchify(conv: nn.Module) -> bool:
@@ -948,6 +958,10 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
         text_attached = src_t or (create_graph and src_v)
         image_attached = src_v or (create_graph and src_t)
 
+        # several passes over a frozen text tower: the hand-written backward (as for the image tower)
+        frozen_t = want_t and not src_t and not create_graph and B > 1 and _frozen_tower_ok(model, "text",
+                                                                                             start_layer_text)
+        rec_t = None
         budget = (chunk_size or 256) * (parts.positional_embedding.shape[0] if parts is not None else 77)
         rel_t, rel_v, sims_all, feats = [], [], [], []
         for lo, hi in _chunks(C, chunk_size):
@@ -960,8 +974,10 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                 e_eot = eot[lo:hi]
                 L_used = int(e_eot.max()) + 1 if parts.attn_mask is not None else L  # causal: later tokens unused
                 if want_t:
+                    rec_t = _Recorder() if frozen_t else None
                     with _relevance_tower(model, "text", start_layer_text, depth_limit=not src_t,
-                                          pooled_rows=e_eot, first_order=not create_graph and B > 1) as st:
+                                          pooled_rows=e_eot, first_order=not create_graph and B > 1,
+                                          recorder=rec_t) as st:
                         t = encode_text_from_embeddings(model, e[:, :L_used], e_eot)  # [c, D]
                     probs_t = st["text"]
                 else:
@@ -974,7 +990,7 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                 if not p.requires_grad:
                     raise RelevanceError("Attention probabilities do not require grad: call the relevance functions "
                                          "with gradients enabled (not under torch.no_grad / inference_mode).")
-            if want_t and want_v and B == 1 and c == 1 and rec_v is None:  # one pair: one backward for both maps
+            if want_t and want_v and B == 1 and c == 1 and rec_v is None and rec_t is None:  # one pair: one backward
                 g = torch.autograd.grad(sims.sum(), probs_t + probs_v, retain_graph=True, create_graph=create_graph)
                 g = [x.unsqueeze(0) for x in g]
                 nt = len(probs_t)
@@ -984,7 +1000,10 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                 if want_t:
                     masks = torch.eye(B, dtype=sims.dtype, device=sims.device)[:, :, None].expand(B, B, c)  # row b
                     rows_t = []
-                    for a, z in _sub_batches(B, c, L_used, budget):
+                    for a, z in _sub_batches(B, c, L_used, _FROZEN_ROWS) if rec_t is not None else ():
+                        g = _pass_grads(sims, [rec_t.leaf], masks[a:z], False)[0]  # [k, c, W]
+                        rows_t.append(_frozen_rollout(rec_t.saved, g))  # [k, c, L_used]
+                    for a, z in _sub_batches(B, c, L_used, budget) if rec_t is None else ():
                         g = _pass_grads(sims, probs_t, masks[a:z], create_graph)
                         rows_t.append(_rollout_batched(probs_t, g, e_eot, True))  # [k, c, L_used]
                     rel_t.append(torch.cat(rows_t, dim=0))  # [B, c, L_used]

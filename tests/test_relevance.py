@@ -629,8 +629,9 @@ def test_frozen_backward_equals_autograd_per_layer(tower, start, quick, dtype):
 
 
 def test_frozen_backward_is_used_only_where_it_applies(tiny, inputs, monkeypatch):
-    """relevance takes the hand-written image backward for frozen maps of several texts (and equals the plain
-    per-pair rule there, also in float64), and autograd for one text, create_graph=True and pixels with grad."""
+    """relevance takes the hand-written backward for frozen maps with several passes over a tower (image maps of
+    several texts, text maps of several images; equal to the plain per-pair rule there, also in float64), and
+    autograd for one pass, create_graph=True, pixels with grad and learned prompt embeddings."""
     import xclip.models.relevance as rel_mod
 
     images, tokens = inputs
@@ -642,9 +643,19 @@ def test_frozen_backward_is_used_only_where_it_applies(tiny, inputs, monkeypatch
         assert calls and not got.requires_grad
         torch.testing.assert_close(got, reference_all(tiny, images, tokens, "visual", start), atol=1e-5, rtol=1e-5)
     calls.clear()
+    got = text_relevance(tiny, images, tokens, start_layer=0)
+    assert calls
+    torch.testing.assert_close(got, reference_all(tiny, images, tokens, "text", 0), atol=1e-5, rtol=1e-5)
+    calls.clear()
     image_relevance(tiny, images, tokens[:1], start_layer=0)
     image_relevance(tiny, images, tokens, start_layer=0, create_graph=True)
     image_relevance(tiny, images.clone().requires_grad_(True), tokens, start_layer=0)
+    text_relevance(tiny, images[:1], tokens, start_layer=0)
+    text_relevance(tiny, images, tokens, start_layer=0, create_graph=True)
+    with torch.no_grad():
+        feats = F.normalize(tiny.encode_image(images), dim=-1)
+    embeds = tiny.model.token_embedding(tokens).detach().requires_grad_(True)
+    text_relevance_from_embeddings(tiny, feats, embeds, tokens.argmax(-1))
     assert not calls
     model64 = copy.deepcopy(tiny).double()  # a copy: the fixture's model stays float32
     got = image_relevance(model64, images.double(), tokens, start_layer=0)
