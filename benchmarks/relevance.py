@@ -4,6 +4,7 @@
     python benchmarks/relevance.py --quick              # smoke: C reduced (B=1xC=1, B=2xC=8, B=1xC=16)
     python benchmarks/relevance.py --threads 1 --repeats 3 --anchor_pairs 4
     python benchmarks/relevance.py --threads 1 --repeats 5 --workloads 1x1:notebook 8x10:all   # chosen workloads
+    python benchmarks/relevance.py --threads 1 --workloads 8x10:all --autograd_too   # + the engine on autograd
 
 Anchor (implemented here after reading T's ``CLIP_explainability.ipynb`` ``interpret``; nothing pasted): one call
 per (image, text) pair, both towers run on the full 77-token text inside every call, the attention probabilities of
@@ -165,6 +166,21 @@ def worker(args) -> None:
             t_ours.append(time.perf_counter() - t0)
             c_ours.append(time.process_time() - c0)
         ours, cpu_ours = min(t_ours), min(c_ours)
+        if args.autograd_too:  # the same engine with the hand-written frozen backward switched off
+            import xclip.models.relevance as rel_mod
+
+            real_ok = rel_mod._frozen_tower_ok
+            rel_mod._frozen_tower_ok = lambda *a: False
+            t_ag, c_ag = [], []
+            try:
+                for _ in range(args.repeats):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out_ag = relevance(bb, images, tokens, start_layer_text=st, start_layer_image=si)
+                    t_ag.append(time.perf_counter() - t0)
+                    c_ag.append(time.process_time() - c0)
+            finally:
+                rel_mod._frozen_tower_ok = real_ok
+            ag_diff = max(float((out_ag.text - out.text).abs().max()), float((out_ag.image - out.image).abs().max()))
         n_pairs = min(B * C, args.anchor_pairs)
         pairs = [(i % B, (37 * i) % C) for i in range(n_pairs)]
         anchor_interpret(model, images[0], tokens[0], st, si)  # warm-up
@@ -184,6 +200,8 @@ def worker(args) -> None:
                      "anchor_s": anchor, "anchor_pairs_timed": n_pairs, "ratio": anchor / ours,
                      "cpu_ratio": cpu_anchor / cpu_ours, "ours_cpu_s": cpu_ours, "anchor_cpu_s": cpu_anchor,
                      "gflop_ours": f_ours / 1e9, "gflop_anchor": f_anchor / 1e9, "max_abs_diff": worst})
+        if args.autograd_too:
+            rows[-1].update(autograd_s=min(t_ag), autograd_cpu_s=min(c_ag), autograd_max_abs_diff=ag_diff)
         peaks.append(_peak_gflops(args.repeats))
     peak = max(peaks)
     for r in rows:
@@ -201,6 +219,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run with reduced C")
     ap.add_argument("--workloads", type=parse_workload, nargs="+", default=None,
                     help="run only these workloads, each BxC:kind with kind notebook | ntlb | all (e.g. 1x1:notebook)")
+    ap.add_argument("--autograd_too", action="store_true",
+                    help="also time the engine with its hand-written frozen backward switched off (autograd's "
+                         "batched backward instead), in the same process")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -210,6 +231,7 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(n), "--model", args.model,
                "--repeats", str(args.repeats), "--anchor_pairs", str(args.anchor_pairs)] + (["--quick"] if args.quick else []) \
+            + (["--autograd_too"] if args.autograd_too else []) \
             + (["--workloads", *(f"{B}x{C}:{k}" for B, C, k in args.workloads)] if args.workloads else [])
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
@@ -228,6 +250,14 @@ def main() -> None:
                   f"{r['gflop_anchor']:13.1f} {r['gflop_ours']:11.1f} {100 * r['peak_frac_anchor']:9.0f}% "
                   f"{100 * r['peak_frac_ours']:9.0f}% {r['floor_s']:8.3f} {r['ours_s'] / r['floor_s']:9.1f}x "
                   f"{r['max_abs_diff']:9.1e} {r['cpu_ratio']:8.2f}x")
+        for r in rep["rows"] if args.autograd_too else ():
+            label = f"B={r['B']} x C={r['C']} {r['kind']} ({r['start_text']}/{r['start_image']})"
+            print(f"{label:28s} engine without the frozen backward (autograd): {r['autograd_s']:.3f} s wall, "
+                  f"{r['autograd_cpu_s']:.3f} s CPU; autograd / ours {r['autograd_s'] / r['ours_s']:.2f}x wall, "
+                  f"{r['autograd_cpu_s'] / r['ours_cpu_s']:.2f}x CPU; anchor / autograd "
+                  f"{r['anchor_cpu_s'] / r['autograd_cpu_s']:.2f}x CPU; "
+                  f"{100 * r['gflop_ours'] / r['autograd_s'] / rep['peak_gflops']:.0f}% of peak; "
+                  f"max|diff| {r['autograd_max_abs_diff']:.1e}")
         print("* anchor timed on %d pair(s) and extrapolated per pair to B x C" % args.anchor_pairs)
 
 

@@ -24,7 +24,9 @@ Public API (names are fixed; other methods code against them)::
 Cost (docs/relevance.md has the numbers): one forward of each tower for all B x C pairs (spec §1.8: the image is
 never repeated per text); for a fixed image b, ``y_b = sum_c s(x_b, t_c)`` gives the per-text gradients of all C
 texts in one backward (texts do not interact), and for a fixed text c, ``y_c = sum_b s(x_b, t_c)`` those of all B
-images: B text-tower passes and C image-tower passes, each run as one vmapped backward (``is_grads_batched``).
+images: B text-tower passes and C image-tower passes, each run as one vmapped backward (``is_grads_batched``), or,
+when the tower is frozen and nothing is differentiated twice (every visualisation), as a hand-written batched
+backward of the block stack fused with the rollout (section "frozen backward").
 Exact shortcuts:
   * backward no deeper than the start layer: blocks below it run without a graph (under no_grad) when nothing
     upstream needs grad, and the probabilities of the first captured block are the graph's leaves;
@@ -504,9 +506,11 @@ def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.
 # backward of the block stack by hand for a group of passes, fused with the rollout (which runs in backward order).
 # Weights are frozen, so each linear layer costs one GEMM (no weight gradient); the LayerNorm gamma is folded into
 # the weight of the GEMM that feeds it and that weight is centred over the normalised dimension, so the GEMM yields
-# ``g - mean(g)`` and the LayerNorm backward is ``rstd * (gc - xhat * mean(gc * xhat))``; softmax backward is
-# ``P - A * sum(P)`` with ``P = dy/dA * A``, which the rollout reuses (``Abar = mean_h clamp(P, 0)``).  Exact: the
-# same gradients as autograd to float rounding (tests: ``test_frozen_backward_*``).
+# ``g - mean(g)``; the LayerNorm's 1/std (per row) is folded into the GEMM's input (dGELU/du for ln_2, the q k v
+# gradients for ln_1), so its backward is ``gc - xhat * mean(gc * xhat)``; softmax backward is ``P - A * sum(P)``
+# with ``P = dy/dA * A``, which the rollout reuses (``Abar = mean_h clamp(P, 0)``).  Exact: the same gradients as
+# autograd to float rounding (tests: ``test_frozen_backward_*``).  Measured (docs/relevance.md): the GEMMs are
+# ~88 % of its time; under autograd's vmapped backward the non-GEMM work was ~25 %.
 @dataclass
 class _Saved:
     """What a captured block's frozen forward keeps for the hand-written backward (n_q = N, or 1 when pooled)."""
@@ -874,7 +878,9 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
     start layer run without a graph when nothing upstream needs grad (backward no deeper than the start layer);
     the last block is computed for the pooled token only.  Text maps need B backward passes over the C texts,
     image maps C passes over the B images; the passes of one tower run as one batched (vmapped) backward, in
-    sub-batches of at most ``chunk_size x context_length`` token rows.  For one pair both maps come from one
+    sub-batches of at most ``chunk_size x context_length`` token rows; with several passes over a frozen tower and
+    create_graph=False (nothing upstream of it needs grad) they run as a hand-written batched backward instead
+    (weights frozen: one GEMM per linear layer, fused with the rollout).  For one pair both maps come from one
     backward.  Exact: equals the plain per-pair rule to float rounding (tests/test_relevance.py).
     create_graph=True keeps G = dy/dA differentiable (second-order losses; the passes then run one by one).
     """
@@ -986,7 +992,7 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
             feats.append(t)
             sims = scale * (img @ F.normalize(t, dim=-1).T)  # [B, c]
             sims_all.append(sims.detach())
-            for p in probs_t + probs_v:
+            for p in probs_t + probs_v + [r.leaf for r in (rec_t, rec_v) if r is not None]:
                 if not p.requires_grad:
                     raise RelevanceError("Attention probabilities do not require grad: call the relevance functions "
                                          "with gradients enabled (not under torch.no_grad / inference_mode).")
