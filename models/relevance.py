@@ -536,6 +536,21 @@ class _Recorder:
 
     saved: list[_Saved] = field(default_factory=list)
     leaf: torch.Tensor | None = None
+    work: dict[str, torch.Tensor] = field(default_factory=dict)  # reused buffers of ``_frozen_rollout``
+
+
+def _work_buffer(work: dict[str, torch.Tensor] | None, name: str, shape: tuple[int, ...], like: torch.Tensor
+                 ) -> torch.Tensor:
+    """An uninitialised tensor of ``shape``, reused across layers and pass groups when ``work`` is given: tensors
+    above glibc's mmap threshold (32 MB) are otherwise mapped afresh and page-faulted in on every allocation
+    (measured: seconds of system time over the C = 100 image passes)."""
+    n = math.prod(shape)
+    buf = None if work is None else work.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        if work is not None:
+            work[name] = buf
+    return buf[:n].view(shape)
 
 
 def _gelu_and_slope(u: torch.Tensor, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,7 +582,7 @@ def _frozen_block_ok(block: nn.Module) -> bool:
             and (type(act) is QuickGELU or (type(act) is nn.GELU and act.approximate == "none")))
 
 
-_FROZEN_ROWS = 4096  # token rows (passes x sequences x tokens) per hand-written backward group
+_FROZEN_ROWS = 8192  # token rows (passes x sequences x tokens) per hand-written backward group (20 x 8 images)
 
 
 def _frozen_tower_ok(model: nn.Module, tower: str, start_layer: int) -> bool:
@@ -654,18 +669,19 @@ def _ln_input_grad(gc: torch.Tensor, xhat: torch.Tensor, res: torch.Tensor | Non
     Returns gc - xhat * mean(gc * xhat) (+ res) = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ res).
     """
     B, n, k, W = gc.shape
-    s = torch.bmm(gc.view(B * n, k, W), xhat.view(B * n, W, 1)).view(B, n, k, 1).mul_(1.0 / W)
-    out = gc.addcmul_(xhat.unsqueeze(2), s, value=-1)
+    s = torch.bmm(gc.view(B * n, k, W), xhat.view(B * n, W, 1)).view(B, n, k, 1)  # W * mean(gc * xhat)
+    out = gc.addcmul_(xhat.unsqueeze(2), s, value=-1.0 / W)
     return out if res is None else out.add_(res)
 
 
-def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: list | None = None) -> torch.Tensor:
+def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: list | None = None,
+                    work: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Explained rows of R for k backward passes through the recorded blocks, by hand (see above).
 
     saved: the blocks from the start layer up (the last one pooled); g_top: [k, B, W] dy_j / d(pooled output row).
     Returns [k, B, N] (fp32; fp64 for fp64 models), equal to ``_rollout_batched`` on autograd's dy/dA.
     grads_out: when a list, dy/dA of every block is appended to it, last block first ([k, B, H, n_q, N]; tests).
-    Layout: token rows (b, n, pass) for the GEMMs, [B, H, n, pass, .] for attention, so that every attention
+    work: buffers reused across calls (``_Recorder.work``).  Layout: token rows (b, n, pass) for the GEMMs, [B, H, n, pass, .] for attention, so that every attention
     product is one bmm over (b, h) with the passes folded into its rows or columns (no copies of q, k, v, A).
     """
     k, B, W = g_top.shape
@@ -679,7 +695,8 @@ def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: lis
         sv = saved[i]
         n_q = sv.probs.shape[2]
         # MLP and ln_2: dx1 = dout + ln_2 backward of (dGELU * rstd2 * (dout @ w_proj)) @ w_fc
-        du = (dout.reshape(-1, W) @ sv.w_proj).view(B, n_q, k, -1).mul_(sv.slope)  # [B, n_q, k, 4W]
+        du = _work_buffer(work, "du", (B * n_q * k, sv.w_proj.shape[1]), g_top)
+        du = torch.mm(dout.reshape(-1, W), sv.w_proj, out=du).view(B, n_q, k, -1).mul_(sv.slope)  # [B, n_q, k, 4W]
         dx1 = _ln_input_grad((du.view(-1, du.shape[-1]) @ sv.w_fc).view(B, n_q, k, W), sv.xhat2, dout)
         # attention, heads outside: G = dy/dA = d(out) @ v^T
         do = (dx1.view(-1, W) @ sv.w_out).view(B, n_q, k, H, d).permute(0, 3, 1, 2, 4).contiguous()  # [B,H,n_q,k,d]
@@ -695,7 +712,7 @@ def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: lis
         # softmax, q k v (rstd1 folded in while the heads are laid back), ln_1: dx = dx1 (query rows) + ln_1 bwd
         ds = torch.addcmul(p, probs, p.sum(dim=-1, keepdim=True), value=-1)  # [B, H, n_q, k, N]
         slots = 3 if sv.rows is None else 2  # (q,) k, v
-        dqkv = torch.empty(B, N, k, slots, H, d, dtype=du.dtype, device=du.device)
+        dqkv = _work_buffer(work, "dqkv", (B, N, k, slots, H, d), du)
         rstd1 = sv.rstd1.unsqueeze(-1)  # [B, N, 1, 1, 1]
         dk = (ds.view(B, H, n_q, k * N).transpose(-2, -1) @ sv.q).view(B, H, k, N, d)
         torch.mul(dk.permute(0, 3, 2, 1, 4), rstd1, out=dqkv[:, :, :, slots - 2])
@@ -1008,7 +1025,7 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                     rows_t = []
                     for a, z in _sub_batches(B, c, L_used, _FROZEN_ROWS) if rec_t is not None else ():
                         g = _pass_grads(sims, [rec_t.leaf], masks[a:z], False)[0]  # [k, c, W]
-                        rows_t.append(_frozen_rollout(rec_t.saved, g))  # [k, c, L_used]
+                        rows_t.append(_frozen_rollout(rec_t.saved, g, work=rec_t.work))  # [k, c, L_used]
                     for a, z in _sub_batches(B, c, L_used, budget) if rec_t is None else ():
                         g = _pass_grads(sims, probs_t, masks[a:z], create_graph)
                         rows_t.append(_rollout_batched(probs_t, g, e_eot, True))  # [k, c, L_used]
@@ -1021,7 +1038,7 @@ def relevance(backbone, images: torch.Tensor | None = None, tokens: torch.Tensor
                         N_v = rec_v.saved[-1].probs.shape[-1]
                         for a, z in _sub_batches(c, B, N_v, _FROZEN_ROWS):
                             g = _pass_grads(sims, [rec_v.leaf], masks[a:z], False)[0]  # [k, B, W]
-                            cols.append(_frozen_rollout(rec_v.saved, g)[:, :, 1:])  # [k, B, N]
+                            cols.append(_frozen_rollout(rec_v.saved, g, work=rec_v.work)[:, :, 1:])  # [k, B, N]
                     for a, z in _sub_batches(c, B, probs_v[0].shape[-1], budget) if rec_v is None else ():
                         g = _pass_grads(sims, probs_v, masks[a:z], create_graph)
                         cols.append(_rollout_batched(probs_v, g, zeros, True)[:, :, 1:])  # [k, B, N]

@@ -174,9 +174,9 @@ def test_depth_limited_backward_keeps_only_needed_layers(tiny, inputs, monkeypat
         seen.append([tuple(p.shape) for p in probs])
         return real(probs, grads, rows, pooled_last)
 
-    def spy_frozen(saved, top, grads_out=None):  # the image maps of several texts: the hand-written backward
+    def spy_frozen(saved, top, **kw):  # the image maps of several texts: the hand-written backward
         seen.append([tuple(s.probs.shape) for s in saved])
-        return real_frozen(saved, top, grads_out)
+        return real_frozen(saved, top, **kw)
 
     real_frozen = rel_mod._frozen_rollout
     monkeypatch.setattr(rel_mod, "_rollout_batched", spy)
