@@ -711,9 +711,28 @@ def _frozen_rollout(saved: Sequence[_Saved], g_top: torch.Tensor, grads_out: lis
             break
         # softmax, q k v (rstd1 folded in while the heads are laid back), ln_1: dx = dx1 (query rows) + ln_1 bwd
         ds = torch.addcmul(p, probs, p.sum(dim=-1, keepdim=True), value=-1)  # [B, H, n_q, k, N]
+        rstd1 = sv.rstd1.unsqueeze(-1)  # [B, N, 1, 1, 1]
+        if sv.rows is None:
+            # q and k: d(ln_1 out) = sum_h dS_h (K_h Wq_h) / sqrt(d) + dS_h^T (Q_h Wk_h): one GEMM over
+            # (head, key) / (head, query) per sequence (K = H N) instead of a K = N bmm per head plus the q, k
+            # slices of the qkv GEMM; dS is laid out (token, pass, head, token) with rstd1 of the row folded in
+            wq = sv.w_qkv[:W].view(H, d, W)
+            kw = torch.matmul(sv.k, wq).mul_(1.0 / math.sqrt(d)).view(B, H * N, W)  # [B, (h, key), W]
+            qw = torch.matmul(sv.q, sv.w_qkv[W:2 * W].view(H, d, W)).view(B, H * N, W)  # [B, (h, query), W]
+            ds_q = _work_buffer(work, "ds_q", (B, N, k, H, N), du)  # [b, query, pass, h, key]
+            torch.mul(ds.permute(0, 2, 3, 1, 4), rstd1, out=ds_q)
+            gc = _work_buffer(work, "gc1", (B, N * k, W), du)
+            torch.bmm(ds_q.view(B, N * k, H * N), kw, out=gc)
+            torch.mul(ds.permute(0, 4, 3, 1, 2), rstd1, out=ds_q)  # [b, key, pass, h, query]
+            gc.baddbmm_(ds_q.view(B, N * k, H * N), qw)
+            dv = (sv.probs.transpose(-2, -1) @ do.view(B, H, N, k * d)).view(B, H, N, k, d)
+            dvr = _work_buffer(work, "dv", (B, N, k, H, d), du)
+            torch.mul(dv.permute(0, 2, 3, 1, 4), rstd1, out=dvr)
+            gc.view(-1, W).addmm_(dvr.view(-1, W), sv.w_qkv[2 * W:])
+            dout = _ln_input_grad(gc.view(B, N, k, W), sv.xhat1, dx1)  # [B, N, k, W]
+            continue
         slots = 3 if sv.rows is None else 2  # (q,) k, v
         dqkv = _work_buffer(work, "dqkv", (B, N, k, slots, H, d), du)
-        rstd1 = sv.rstd1.unsqueeze(-1)  # [B, N, 1, 1, 1]
         dk = (ds.view(B, H, n_q, k * N).transpose(-2, -1) @ sv.q).view(B, H, k, N, d)
         torch.mul(dk.permute(0, 3, 2, 1, 4), rstd1, out=dqkv[:, :, :, slots - 2])
         dv = (sv.probs.transpose(-2, -1) @ do.view(B, H, n_q, k * d)).view(B, H, N, k, d)
