@@ -57,7 +57,9 @@ OBJECT_WORD_TEMPLATES = ("a {colour} {shape} with the word {word} on it.",
 # "web" captions (issue 18): signs, labels and products are captioned by the word they show, as on the web.
 WEB_WORD_TEMPLATES = ("{word}", "{word}.", "a {word}.", "the word {word}.", "a sign that says {word}.",
                       "{word} {word}", "a label that reads {word}.")
-WEB_OBJECT_WORD_TEMPLATES = ("{word}", "{word}.", "a {word}.")   # the written word alone, for a share of the items
+# an object with a word on it (a labelled product), for a share of the items: named by its label, or by its colour and
+# its label ("a red star." for a red circle labelled "star")
+WEB_OBJECT_WORD_TEMPLATES = ("{word}", "{word}.", "a {word}.", "a {colour} {word}.")
 WordCaptions = Literal["sign", "web"]
 ObjectWordCaptions = Literal["describe", "web"]
 VOCAB_SIZE = 500   # dictionary words used by the world (a fixed seeded subset of single-token words)
@@ -343,20 +345,25 @@ def world_vocabulary(size: int = VOCAB_SIZE, seed: int = 0) -> tuple[str, ...]:
 
 def caption_for(kind: str, rng: random.Random, shape: str = "", colour: str = "", word: str = "",
                 size: str = "", word_captions: WordCaptions = "sign", object_word_captions: ObjectWordCaptions =
-                "describe", word_only_share: float = 0.3) -> str:
+                "describe", word_only_share: float = 0.3, object_only_share: float = 0.0) -> str:
     """Caption for an item of ``kind`` in {"object", "word", "object_word"}.
 
     ``word_captions="web"``: a word image is captioned like a sign or label on the web (the word alone, "a {word}.",
     ...). ``object_word_captions="web"``: an object with a word on it is captioned by the written word alone with
-    probability ``word_only_share``, else described as by default."""
+    probability ``word_only_share``, else described as by default. ``object_only_share``: with that probability an
+    object with a word on it is captioned as the object alone, the text unmentioned (incidental text in a web
+    photo)."""
     if kind == "object":
         tpl = rng.choice(OBJECT_TEMPLATES) if size else rng.choice(OBJECT_TEMPLATES[:2])
         return tpl.format(colour=colour, shape=shape, size=size)
     if kind == "word":
         return rng.choice(WEB_WORD_TEMPLATES if word_captions == "web" else WORD_TEMPLATES).format(word=word)
     if kind == "object_word":
-        if object_word_captions == "web" and rng.random() < word_only_share:
-            return rng.choice(WEB_OBJECT_WORD_TEMPLATES).format(word=word)
+        u = rng.random() if object_word_captions == "web" or object_only_share > 0 else 1.0
+        if object_word_captions == "web" and u < word_only_share:
+            return rng.choice(WEB_OBJECT_WORD_TEMPLATES).format(word=word, colour=colour)
+        if u < (word_only_share if object_word_captions == "web" else 0.0) + object_only_share:
+            return rng.choice(OBJECT_TEMPLATES[:2]).format(colour=colour, shape=shape)
         return rng.choice(OBJECT_WORD_TEMPLATES).format(colour=colour, shape=shape, word=word)
     raise ValueError(f"Unknown caption kind {kind!r}; expected 'object', 'word' or 'object_word'.")
 
@@ -385,7 +392,8 @@ class WorldDataset(Dataset):
                  object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
                  return_pil: bool = False, word_captions: WordCaptions = "sign",
                  object_word_captions: ObjectWordCaptions = "describe", word_only_share: float = 0.3,
-                 word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0, text_layout: TextLayout = TEXT_LAYOUT):
+                 word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0, text_layout: TextLayout = TEXT_LAYOUT,
+                 object_only_share: float = 0.0):
         if not (0 <= word_share and 0 <= object_word_share and word_share + object_word_share <= 1):
             raise ValueError(f"word_share={word_share} and object_word_share={object_word_share} must be >= 0 "
                              f"and sum to at most 1.")
@@ -403,6 +411,10 @@ class WorldDataset(Dataset):
                              f"(got {word_only_share}), n_fonts >= 0 (got {n_fonts}).")
         self.word_captions, self.object_word_captions = word_captions, object_word_captions
         self.word_only_share, self.word_size, self.n_fonts = float(word_only_share), tuple(word_size), int(n_fonts)
+        web_words = self.word_only_share if object_word_captions == "web" else 0.0
+        if not 0 <= object_only_share <= 1 - web_words:
+            raise ValueError(f"object_only_share must be in [0, 1 - word_only_share] (got {object_only_share}).")
+        self.object_only_share = float(object_only_share)
         uses_grid("", text_layout)   # refuses an unknown layout here, not at the first item
         self.text_layout: TextLayout = text_layout
         self.vocab = world_vocabulary()
@@ -437,7 +449,8 @@ class WorldDataset(Dataset):
                         label=SHAPES.index(shape),
                         caption=caption_for("object_word", rng, shape=shape, colour=colour, word=word,
                                             object_word_captions=self.object_word_captions,
-                                            word_only_share=self.word_only_share))
+                                            word_only_share=self.word_only_share,
+                                            object_only_share=self.object_only_share))
         image, bbox = render_object(shape, colour, rng, self.image_size)
         size = ""
         if rng.random() < 0.3:
@@ -538,11 +551,12 @@ class SyntheticWorldDataModule(pl.LightningDataModule):
                  object_word_share: float = 0.25, nonsense_share: float = 0.2, class_word_share: float = 0.5,
                  word_captions: WordCaptions = "sign", object_word_captions: ObjectWordCaptions = "describe",
                  word_only_share: float = 0.3, word_size: tuple[float, float] = (0.28, 0.45), n_fonts: int = 0,
-                 text_layout: TextLayout = TEXT_LAYOUT):
+                 text_layout: TextLayout = TEXT_LAYOUT, object_only_share: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         opts = dict(word_captions=word_captions, object_word_captions=object_word_captions,
-                    word_only_share=word_only_share, word_size=tuple(word_size), n_fonts=n_fonts)
+                    word_only_share=word_only_share, word_size=tuple(word_size), n_fonts=n_fonts,
+                    object_only_share=object_only_share)
         layout = dict(text_layout=text_layout)
         self.train_set = WorldDataset(seed, train_length, image_size, word_share, object_word_share,
                                       nonsense_share, class_word_share, **opts, **layout)

@@ -118,7 +118,7 @@ def test_reading_options_default_to_the_shipped_world_and_web_captions_name_the_
     for i in range(60):
         assert torch.equal(base[i]["image"], explicit[i]["image"]) and base[i]["caption"] == explicit[i]["caption"]
     # web captions: same images (captions are drawn after the image); word images and a share of the objects
-    # with a word are captioned by the written word alone or "a {word}."
+    # with a word are captioned by the written word alone, "a {word}." or "a {colour} {word}." (a labelled product)
     web = WorldDataset(seed=0, length=400, image_size=32, word_captions="web", object_word_captions="web",
                        word_only_share=0.5)
     word_only = 0
@@ -129,8 +129,29 @@ def test_reading_options_default_to_the_shipped_world_and_web_captions_name_the_
         if b["kind"] != "object":
             assert b["word"] in b["caption"]
         if b["kind"] == "object_word":
-            word_only += b["caption"] in (b["word"], f"{b['word']}.", f"a {b['word']}.")
+            word_only += b["caption"] in (b["word"], f"{b['word']}.", f"a {b['word']}.", f"a {b['colour']} {b['word']}.")
     assert word_only > 10
+    # object_only_share: that share of the objects with a word is captioned as the object alone (text unmentioned);
+    # images and the word-only captions stay as with object_only_share=0 (the same single draw decides)
+    both = WorldDataset(seed=0, length=400, image_size=32, word_captions="web", object_word_captions="web",
+                        word_only_share=0.5, object_only_share=0.3)
+    object_only = 0
+    for i in range(400):
+        a, b = web.sample(i), both.sample(i)
+        if i < 40:
+            assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        if b["kind"] != "object_word":
+            assert a["caption"] == b["caption"]
+            continue
+        if a["caption"] in (a["word"], f"{a['word']}.", f"a {a['word']}.", f"a {a['colour']} {a['word']}."):
+            assert b["caption"] == a["caption"]
+        if b["caption"] in (f"a photo of a {b['colour']} {b['shape']}.", f"a {b['colour']} {b['shape']}."):
+            object_only += 1
+            assert b["word"] not in b["caption"].split()
+    n_object_word = sum(both.sample(i)["kind"] == "object_word" for i in range(400))
+    assert 0.15 * n_object_word < object_only < 0.45 * n_object_word
+    with pytest.raises(ValueError, match="object_only_share"):
+        WorldDataset(object_word_captions="web", word_only_share=0.8, object_only_share=0.3)
     with pytest.raises(ValueError, match="word_captions"):
         WorldDataset(word_captions="tweet")
     with pytest.raises(ValueError, match="word_size"):
