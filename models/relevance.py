@@ -509,8 +509,8 @@ def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.
 # ``g - mean(g)``; the LayerNorm's 1/std (per row) is folded into the GEMM's input (dGELU/du for ln_2, the q k v
 # gradients for ln_1), so its backward is ``gc - xhat * mean(gc * xhat)``; softmax backward is ``P - A * sum(P)``
 # with ``P = dy/dA * A``, which the rollout reuses (``Abar = mean_h clamp(P, 0)``).  Exact: the same gradients as
-# autograd to float rounding (tests: ``test_frozen_backward_*``).  Measured (docs/relevance.md): the GEMMs are
-# ~88 % of its time; under autograd's vmapped backward the non-GEMM work was ~25 %.
+# autograd to float rounding (tests: ``test_frozen_backward_*``).  Measured (docs/relevance.md, ViT-B/32, 1 thread):
+# the GEMMs are ~86 % of its time; the same passes take 1.1-1.25x as long under autograd's vmapped backward.
 @dataclass
 class _Saved:
     """What a captured block's frozen forward keeps for the hand-written backward (n_q = N, or 1 when pooled)."""
