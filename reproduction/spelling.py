@@ -158,9 +158,12 @@ def report(res: dict) -> list[str]:
         if lrn:
             up = lrn["word_top1_real"]["mean"] - c["word_top1_real"]
             down = c["clean_acc"] - lrn["clean_acc"]["mean"]
+            ceiling = c["word_top1_real"] >= 95.0 and up <= 0     # nothing left for learn-to-spell to raise
+            met = "yes" if up > 0 and down > 0 else ("no: reading at its ceiling" if ceiling else "no")
             lines.append(f"| learn raises reading, lowers visual matching | IIIT5K / retrieval: NOT RECOVERED "
-                         f"(§5.4, §5.7) | reading {up:+.1f}, clean accuracy {-down:+.1f} | "
-                         f"{'yes' if up > 0 and down > 0 else 'no'} |")
+                         f"(§5.4, §5.7) | reading {up:+.1f} (CLIP {c['word_top1_real']:.1f}), clean accuracy "
+                         f"{-down:+.1f}, attack success {c['attack_success_rate']:.1f} -> "
+                         f"{lrn['attack_success_rate']['mean']:.1f} | {met} |")
         for base, name in (("forget_to_spell", "forget_to_spell_no_reg"), ("learn_to_spell", "learn_to_spell_no_reg")):
             a, b = res["variants"].get(base), res["variants"].get(name)
             if a and b:

@@ -84,9 +84,9 @@ def test_demo_forget_to_spell_fixes_typographic_attacks(tmp_path):
 
     res = demo.main(["--out", str(tmp_path), "--wandb", "false"])
     s = res["summary"]
-    # the reading world CLIP (issue 18): 35.2 -> 3.2 % attack success, 11.0 -> 23.5 % attacked, clean -0.5
+    # the reading world CLIP (issue 18): 43.5 -> 3.2 % attack success, 34.0 -> 59.8 % attacked, clean -0.5
     assert s["attack_success_before"] - s["attack_success_after"] >= 25, s
-    assert s["attacked_after"] - s["attacked_before"] >= 10, s
+    assert s["attacked_after"] - s["attacked_before"] >= 20, s
     assert s["clean_before"] - s["clean_after"] <= 3, s
 
 

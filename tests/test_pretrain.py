@@ -138,7 +138,7 @@ def test_shipped_checkpoint_reads_and_is_fooled_by_words():
     chance = typo["chance"]
     assert typo["clean_acc"] >= 10 * chance, typo
     assert typo["clean_acc"] - typo["attacked_acc"] >= 0.30, typo          # issue 18: >= 30 points
-    assert typo["attack_success_rate"] >= 0.25, typo                        # hijacked: predicts the written class
+    assert typo["attack_success_rate"] >= 0.40, typo                        # issue 18: hijacked >= 40 % (shipped 47 % here)
     top1 = world.word_retrieval_top1(model, 200, seed=1235, nonsense=False)
     assert top1 >= 0.5, top1                                                # issue 18: real words >= 50 %
     top1_nonsense = world.word_retrieval_top1(model, 200, seed=1236, nonsense=True)

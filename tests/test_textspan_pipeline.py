@@ -137,6 +137,8 @@ def test_tiny_world_clip_mean_ablation():
     curve, base = table["accumulated_layers"], table["baseline"]
     print(table)
     assert base > 0.5
-    assert curve[-1] < base - 0.2                          # every attention layer mean-ablated: a large drop
-    # (the reading world CLIP: 70.5 -> 44.5 %; the CLIP shipped before issue 18 collapsed below half)
+    assert curve[-1] < base - 0.1                          # every attention layer mean-ablated: a large drop
+    assert curve[-2] - curve[-1] > curve[0] - curve[-2]    # and most of it comes from the last layer (the paper's
+    # finding: the direct effect sits in the late attention layers). Shipped world CLIP: 92.5 -> 91.5 % with the
+    # first 3 of 4 layers ablated, 78.5 % with all 4 (the CLIPs shipped before collapsed further: 70.5 -> 44.5 %)
     assert table["all_but_last_3"] > curve[-1]            # keeping late layers keeps (most of) the accuracy

