@@ -363,7 +363,7 @@ def caption_for(kind: str, rng: random.Random, shape: str = "", colour: str = ""
         if object_word_captions == "web" and u < word_only_share:
             return rng.choice(WEB_OBJECT_WORD_TEMPLATES).format(word=word, colour=colour)
         if u < (word_only_share if object_word_captions == "web" else 0.0) + object_only_share:
-            return rng.choice(OBJECT_TEMPLATES[:2]).format(colour=colour, shape=shape)
+            return caption_for("object", rng, shape=shape, colour=colour)
         return rng.choice(OBJECT_WORD_TEMPLATES).format(colour=colour, shape=shape, word=word)
     raise ValueError(f"Unknown caption kind {kind!r}; expected 'object', 'word' or 'object_word'.")
 

@@ -137,29 +137,7 @@ def _explicit_attention(block: nn.Module, store: AttentionStore, tower: str, q_x
     """Stand-in for ResidualAttentionBlock.attention that keeps the live softmax probabilities."""
     if k_x is not None or v_x is not None:
         raise RelevanceError(f"Cross-attention in a {tower} block is not supported by capture_attention.")
-    mha: nn.MultiheadAttention = block.attn
-    x = q_x if mha.batch_first else q_x.transpose(0, 1)  # [B, N, W]
-    B, N, W = x.shape
-    H = mha.num_heads
-    d = W // H
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)  # [B, N, 3W]
-    q, k, v = (t.reshape(B, N, H, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # [B, H, N, d] each
-    scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [B, H, N, N]
-    if attn_mask is not None:
-        mask = attn_mask
-        if mask.dim() == 3:  # [B*H, N, N] (MultiheadAttention convention)
-            mask = mask.reshape(B, H, N, N)
-        if mask.dtype == torch.bool:  # True = not allowed
-            scores = scores.masked_fill(mask, float("-inf"))
-        else:
-            scores = scores + mask.to(scores.dtype)
-    probs = scores.softmax(dim=-1)  # [B, H, N, N]
-    store.probs[tower].append(probs)
-    if mha.training and mha.dropout > 0:
-        probs = F.dropout(probs, p=mha.dropout)
-    out = (probs @ v).transpose(1, 2).reshape(B, N, W)  # [B, N, W]
-    out = mha.out_proj(out)
-    return out if mha.batch_first else out.transpose(0, 1)
+    return _engine_attention(block, store.probs[tower], q_x, attn_mask, fused=False)
 
 
 @contextlib.contextmanager
@@ -413,6 +391,28 @@ def _block_tail(block: nn.Module, x: torch.Tensor, attn_out: torch.Tensor, first
     return x + block.ls_2(_mlp(block, block.ln_2(x), first_order))
 
 
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention scores with MultiheadAttention's mask applied: boolean (True = may not attend) or additive."""
+    if mask is None:
+        return scores
+    return scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+
+
+def _pooled_rows(rows: torch.Tensor | int, n: int, device: torch.device) -> torch.Tensor:
+    """The pooled query row of each of n sequences as a long tensor [n] (an int or 0-d tensor is broadcast)."""
+    if not torch.is_tensor(rows) or rows.dim() == 0:
+        return torch.as_tensor(rows, device=device).long().expand(n)
+    return rows.to(device).long()
+
+
+def _pooled_row_mask(attn_mask: torch.Tensor, H: int, rows: torch.Tensor) -> torch.Tensor:
+    """The mask rows of the pooled queries: [n*H, N, N] (per sequence) or [N, N] -> [n, H | 1, 1, N]."""
+    n, N = rows.shape[0], attn_mask.shape[-1]
+    if attn_mask.dim() == 3:
+        return attn_mask.reshape(n, H, N, N)[torch.arange(n, device=rows.device), :, rows].unsqueeze(2)
+    return attn_mask[rows].reshape(n, 1, 1, N)
+
+
 def _engine_attention(block: nn.Module, keep: list[torch.Tensor] | None, h: torch.Tensor,
                       attn_mask: torch.Tensor | None, fused: bool, leaf_probs: bool = False) -> torch.Tensor:
     """Attention of ``block`` on its normalised input h ([B, N, W] batch-first, or [N, B, W]).
@@ -441,10 +441,7 @@ def _engine_attention(block: nn.Module, keep: list[torch.Tensor] | None, h: torc
         else:
             q, k, v = (t.reshape(B, N, H, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # [B, H, N, d] each
             scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [B, H, N, N]
-            if mask is not None:
-                scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
-                    else scores + mask.to(scores.dtype)
-            probs = scores.softmax(dim=-1)  # [B, H, N, N]
+            probs = _masked(scores, mask).softmax(dim=-1)  # [B, H, N, N]
     if not fused:
         if leaf_probs:
             probs.requires_grad_(True)
@@ -471,8 +468,7 @@ def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.
     H = mha.num_heads
     d = W // H
     idx = torch.arange(n, device=x.device)
-    rows = torch.as_tensor(rows, device=x.device).long().expand(n) if not torch.is_tensor(rows) or rows.dim() == 0 \
-        else rows.to(x.device).long()
+    rows = _pooled_rows(rows, n, x.device)
     with torch.no_grad() if leaf_probs else contextlib.nullcontext():
         h = block.ln_1(x)  # [n, N, W]
         b = mha.in_proj_bias
@@ -480,12 +476,8 @@ def _pooled_block(block: nn.Module, store: AttentionStore, tower: str, x: torch.
         kv = _linear(h, mha.in_proj_weight[W:], None if b is None else b[W:])  # [n, N, 2W]
         k, v = kv.reshape(n, N, 2, H, d).permute(2, 0, 3, 1, 4)  # [n, H, N, d] each
         scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [n, H, 1, N]
-        if attn_mask is not None:
-            mask = attn_mask.reshape(n, H, N, N)[idx, :, rows].unsqueeze(2) if attn_mask.dim() == 3 \
-                else attn_mask[rows].reshape(n, 1, 1, N)
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
-                else scores + mask.to(scores.dtype)
-        probs = scores.softmax(dim=-1)  # [n, H, 1, N]
+        mask = None if attn_mask is None else _pooled_row_mask(attn_mask, H, rows)
+        probs = _masked(scores, mask).softmax(dim=-1)  # [n, H, 1, N]
     if leaf_probs:
         probs.requires_grad_(True)
     store.probs[tower].append(probs)
@@ -632,21 +624,18 @@ def _recording_block(block: nn.Module, rec: _Recorder, x: torch.Tensor, rows: to
             q, k, v = _linear(h, wq, bq).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # [B, H, N, d] each
             xq = x
         else:
-            rows = torch.as_tensor(rows, device=x.device).long().expand(B) if not torch.is_tensor(rows) \
-                or rows.dim() == 0 else rows.to(x.device).long()
+            rows = _pooled_rows(rows, B, x.device)
             q = _linear(h[idx, rows], wq[:W], bq[:W]).reshape(B, H, 1, d)
             k, v = _linear(h, wq[W:], bq[W:]).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)  # [B, H, N, d] each
             xq = x[idx, rows].unsqueeze(1)  # [B, 1, W]
         q = q * (1.0 / math.sqrt(d))  # [B, H, n_q, d]
         k, v = k.contiguous(), v.contiguous()
         scores = q @ k.transpose(-2, -1)  # [B, H, n_q, N]
-        if attn_mask is not None:
-            mask = attn_mask.reshape(B, H, N, N) if attn_mask.dim() == 3 else attn_mask  # [B, H, N, N] | [N, N]
-            if rows is not None:
-                mask = mask[idx, :, rows].unsqueeze(2) if mask.dim() == 4 else mask[rows].reshape(B, 1, 1, N)
-            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
-                else scores + mask.to(scores.dtype)
-        probs = scores.softmax(dim=-1)  # [B, H, n_q, N]
+        mask = attn_mask
+        if mask is not None:
+            mask = _pooled_row_mask(mask, H, rows) if rows is not None \
+                else (mask.reshape(B, H, N, N) if mask.dim() == 3 else mask)  # [B, H, n_q | N, N] | [N, N]
+        probs = _masked(scores, mask).softmax(dim=-1)  # [B, H, n_q, N]
         n_q = probs.shape[2]
         out = _linear((probs @ v).transpose(1, 2).reshape(B, n_q, W), mha.out_proj.weight, mha.out_proj.bias)
         x1 = xq + out  # [B, n_q, W]
